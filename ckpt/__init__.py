@@ -1,0 +1,26 @@
+"""Baton's checkpoint library: a store over fsspec with an atomic commit protocol, verification,
+lineage queries, a single-writer lease, and the training state format. No Prefect, no Ray."""
+
+from .errors import (
+    CheckpointCorrupted,
+    CheckpointError,
+    CheckpointExists,
+    CheckpointNotFound,
+    InvalidName,
+    LeaseHeld,
+    LeaseLost,
+)
+from .lease import Lease, LeaseRecord
+from .manifest import CheckpointRef, FileEntry, Manifest, Position
+from .names import checkpoint_id, validate_name
+from .sampler import ResumableSampler
+from .state import RankRNG, TrainingState, capture_rng, decode, encode, model_digest, restore_rng
+from .store import CheckpointStore
+
+__all__ = [
+    "CheckpointCorrupted", "CheckpointError", "CheckpointExists", "CheckpointNotFound",
+    "CheckpointRef", "CheckpointStore", "FileEntry", "InvalidName", "Lease", "LeaseHeld",
+    "LeaseLost", "LeaseRecord", "Manifest", "Position", "RankRNG", "ResumableSampler",
+    "TrainingState", "capture_rng", "checkpoint_id", "decode", "encode", "model_digest",
+    "restore_rng", "validate_name",
+]

@@ -1,0 +1,102 @@
+"""The manifest: the one small JSON document whose presence commits a checkpoint."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 1
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: int = Field(ge=0, description="Size of the file in bytes.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex sha256 of the file.")
+
+
+class Position(BaseModel):
+    """Where training stands when the checkpoint is taken."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epoch: int = Field(ge=0, description="The epoch in progress (or just finished).")
+    batch_in_epoch: int = Field(ge=0, description="Batches of `epoch` already trained.")
+    epoch_complete: bool = Field(description="True when `epoch` has been trained to its end.")
+    step: int = Field(ge=0, description="Global optimizer steps taken since the lineage began.")
+
+    @property
+    def epochs_done(self) -> int:
+        return self.epoch + 1 if self.epoch_complete else self.epoch
+
+
+class Manifest(BaseModel):
+    """Committed last; a checkpoint exists if and only if its manifest does."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1] = SCHEMA_VERSION
+    lineage: str
+    id: str
+    position: Position
+    created_at: datetime = Field(default_factory=utcnow)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    config_hash: str = Field(default="", description="sha256 of the training config that produced it.")
+    parent: str | None = Field(default=None, description="Id of the checkpoint training resumed from.")
+    versions: dict[str, str] = Field(default_factory=dict, description="Library versions.")
+    files: dict[str, FileEntry]
+    digest: str = Field(description="sha256 over the model tensors (names, dtypes, shapes, bytes).")
+    fence: int = Field(default=0, ge=0, description="Lease fencing number of the writer.")
+
+    @property
+    def epoch(self) -> int:
+        return self.position.epoch
+
+    @property
+    def step(self) -> int:
+        return self.position.step
+
+    @property
+    def epochs_done(self) -> int:
+        return self.position.epochs_done
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+
+class CheckpointRef(BaseModel):
+    """A small, serialisable pointer to a committed checkpoint (what tasks return)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    lineage: str
+    id: str
+    uri: str
+    epoch: int
+    step: int
+    epochs_done: int
+    metrics: dict[str, float]
+    digest: str
+    created_at: datetime
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, uri: str) -> "CheckpointRef":
+        return cls(
+            lineage=manifest.lineage,
+            id=manifest.id,
+            uri=uri,
+            epoch=manifest.epoch,
+            step=manifest.step,
+            epochs_done=manifest.epochs_done,
+            metrics=manifest.metrics,
+            digest=manifest.digest,
+            created_at=manifest.created_at,
+        )

@@ -1,0 +1,173 @@
+"""What a checkpoint holds, and its on-disk format: safetensors for tensors, JSON for the rest.
+
+Nothing here unpickles: loading a checkpoint runs no code (DESIGN invariant 6).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from .manifest import Position
+
+MODEL_FILE = "model.safetensors"
+TENSORS_FILE = "train_state.safetensors"
+META_FILE = "state.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class RankRNG:
+    """The random number generator states of one rank."""
+
+    python: Any
+    numpy: Any
+    torch: torch.Tensor
+    cuda: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class TrainingState:
+    """Everything needed to continue training exactly where it stopped."""
+
+    model: dict[str, torch.Tensor]
+    position: Position
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    rng: list[RankRNG] = field(default_factory=list)
+    progress: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def capture_rng() -> RankRNG:
+    np_state = np.random.get_state(legacy=True)
+    return RankRNG(
+        python=_jsonable(random.getstate()),
+        numpy=[np_state[0], np_state[1].tolist(), *[_jsonable(v) for v in np_state[2:]]],
+        torch=torch.get_rng_state(),
+        cuda=list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+    )
+
+
+def restore_rng(state: RankRNG) -> None:
+    version, internal, gauss = state.python
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state.numpy
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state.torch)
+    if state.cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state.cuda)
+
+
+def model_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes in name order: equal iff the weights are."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def encode(state: TrainingState) -> tuple[dict[str, bytes], str]:
+    """Serialise to {file name: bytes} and return the model digest beside it."""
+    model = _owned(state.model)
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {"format": FORMAT_VERSION, "position": state.position.model_dump(),
+                            "progress": state.progress, "scheduler": state.scheduler}
+    if state.optimizer is not None:
+        meta["optimizer"] = _split(state.optimizer, "optimizer", tensors)
+    meta["extra"] = _split(state.extra, "extra", tensors)
+    meta["rng"] = []
+    for rank, rng in enumerate(state.rng):
+        tensors[f"rng/{rank}/torch"] = rng.torch
+        for device, cuda_state in enumerate(rng.cuda):
+            tensors[f"rng/{rank}/cuda/{device}"] = cuda_state
+        meta["rng"].append({"python": rng.python, "numpy": rng.numpy, "cuda_devices": len(rng.cuda)})
+    files = {
+        MODEL_FILE: save_tensors(model),
+        TENSORS_FILE: save_tensors(_owned(tensors)),
+        META_FILE: json.dumps(meta, sort_keys=True).encode(),
+    }
+    return files, model_digest(model)
+
+
+def decode(files: dict[str, bytes]) -> TrainingState:
+    meta = json.loads(files[META_FILE])
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(f"unknown checkpoint state format {meta.get('format')!r}; upgrade Baton to load it")
+    tensors = load_tensors(files[TENSORS_FILE])
+    rng = []
+    for rank, entry in enumerate(meta["rng"]):
+        cuda = [tensors[f"rng/{rank}/cuda/{d}"] for d in range(entry["cuda_devices"])]
+        rng.append(RankRNG(entry["python"], entry["numpy"], tensors[f"rng/{rank}/torch"], cuda))
+    optimizer = _join(meta["optimizer"], tensors) if "optimizer" in meta else None
+    if optimizer is not None:
+        optimizer["state"] = {int(k): v for k, v in optimizer["state"].items()}
+    return TrainingState(
+        model=load_tensors(files[MODEL_FILE]),
+        position=Position.model_validate(meta["position"]),
+        optimizer=optimizer,
+        scheduler=meta.get("scheduler"),
+        rng=rng,
+        progress=meta.get("progress", {}),
+        extra=_join(meta.get("extra", {}), tensors),
+    )
+
+
+def _split(value: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Move tensors out of a nested structure into `tensors`, leaving JSON references."""
+    if isinstance(value, torch.Tensor):
+        tensors[prefix] = value
+        return {"__tensor__": prefix}
+    if isinstance(value, dict):
+        return {str(k): _split(v, f"{prefix}/{k}", tensors) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_split(v, f"{prefix}/{i}", tensors) for i, v in enumerate(value)]
+    return _jsonable(value)
+
+
+def _join(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__tensor__"}:
+            return tensors[value["__tensor__"]]
+        return {k: _join(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join(v, tensors) for v in value]
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(
+        f"cannot store a {type(value).__name__} in a checkpoint: only tensors and JSON values "
+        "(numbers, strings, lists, dicts) are saved, so that loading never runs code"
+    )
+
+
+def _owned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors that share no storage (safetensors refuses shared storage)."""
+    out, seen = {}, set()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().cpu().contiguous()
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen and tensor.numel():
+            tensor = tensor.clone()
+        seen.add(ptr)
+        out[name] = tensor
+    return out
