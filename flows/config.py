@@ -1,0 +1,102 @@
+"""Training configuration: one pydantic model, the `config` parameter of the `train` flow.
+
+Field names match the command-line flags (`epochs_per_block` for `--epochs-per-block`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ckpt import validate_name
+from ckpt.errors import InvalidName
+from tasks.recipes import RecipeError, RecipeParams, load_recipe
+from tasks.spec import BlockSpec, FailureInjection
+
+DEFAULT_RECIPE = "tasks.recipes:linear"
+
+
+class TrainConfig(BaseModel):
+    """Everything a training run needs. Unset `lr`/`batch_size` take the recipe's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lineage: str | None = Field(None, description="Name of the logical training run; derived from the "
+                                "recipe and hyper-parameters when unset, so the same command resumes it.")
+    store: str = Field("./checkpoints", description="Checkpoint store: a local folder or an fsspec URL (s3://bucket/prefix).")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the store "
+                                            "(for S3: endpoint_url, key, secret...). Prefer AWS_* environment variables for secrets.")
+    epochs: int = Field(4, ge=1, description="Total epochs the lineage should reach.")
+    epochs_per_block: int = Field(2, ge=1, description="Epochs per block (one Prefect task, one Ray Train fit).")
+    workers: int = Field(2, ge=1, le=256, description="Ray Train workers (DDP ranks) per block.")
+    recipe: str = Field(DEFAULT_RECIPE, description="Model, data and loss as `module:attr` "
+                        "(built in: tasks.recipes:linear, tasks.recipes:digits).")
+    seed: int = Field(0, ge=0, description="Seed of model init, data order and every rank's RNG.")
+    lr: float | None = Field(None, gt=0, description="Learning rate (recipe default when unset).")
+    batch_size: int | None = Field(None, ge=1, description="Per-worker batch size (recipe default when unset).")
+    checkpoint_every_steps: int | None = Field(None, ge=1, description="Also commit a checkpoint every N "
+                                               "optimizer steps (mid-epoch); every epoch always commits.")
+    max_failures: int = Field(1, ge=0, description="Ray Train worker-group restarts within one block.")
+    block_retries: int = Field(1, ge=0, description="Prefect retries of a failed block task.")
+    lease_ttl_s: float = Field(30.0, gt=0, description="Seconds without a heartbeat after which the lineage lease is stale.")
+    fail: FailureInjection | None = Field(None, description="Failure injection for tests and drills.")
+
+    @field_validator("lineage")
+    @classmethod
+    def _lineage_is_safe(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                validate_name(value, "lineage")
+            except InvalidName as err:
+                raise ValueError(str(err)) from None
+        return value
+
+    @field_validator("recipe")
+    @classmethod
+    def _recipe_loads(cls, value: str) -> str:
+        try:
+            load_recipe(value)
+        except RecipeError as err:
+            raise ValueError(str(err)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _blocks_fit(self) -> "TrainConfig":
+        if self.fail is not None and self.fail.rank >= self.workers:
+            raise ValueError(f"fail.rank {self.fail.rank} must be below workers ({self.workers})")
+        return self
+
+    def recipe_params(self) -> RecipeParams:
+        recipe = load_recipe(self.recipe)
+        return RecipeParams(seed=self.seed, lr=self.lr or recipe.default_lr,
+                            batch_size=self.batch_size or recipe.default_batch_size, epochs=self.epochs)
+
+    def config_hash(self) -> str:
+        """What makes two runs the same training: recipe, hyper-parameters and world size."""
+        key = {"recipe": self.recipe, "params": self.recipe_params().model_dump(exclude={"epochs"}),
+               "workers": self.workers}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+    def resolved_lineage(self) -> str:
+        if self.lineage:
+            return self.lineage
+        short = self.recipe.rsplit(":", 1)[-1].replace("_", "-")
+        return f"{short}-{self.config_hash()[:8]}"
+
+    def blocks(self, fence: int = 0) -> list[BlockSpec]:
+        lineage, params = self.resolved_lineage(), self.recipe_params()
+        # Ray workers run in their own folders: a relative store path must be made absolute here.
+        store = self.store if "://" in self.store else os.path.abspath(os.path.expanduser(self.store))
+        return [
+            BlockSpec(index=i, lineage=lineage, start_epoch=start,
+                      end_epoch=min(start + self.epochs_per_block, self.epochs), store=store,
+                      storage_options=self.storage_options, recipe=self.recipe, params=params,
+                      workers=self.workers, checkpoint_every_steps=self.checkpoint_every_steps,
+                      max_failures=self.max_failures, fence=fence, config_hash=self.config_hash(),
+                      fail=self.fail)
+            for i, start in enumerate(range(0, self.epochs, self.epochs_per_block))
+        ]

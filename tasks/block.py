@@ -1,0 +1,96 @@
+"""The epoch-block Prefect task: bring a lineage to the end of an epoch with Ray Train."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from ckpt import CheckpointRef, CheckpointStore, Manifest
+
+from .spec import BlockSpec
+from .worker import worker_loop
+
+# Ray Train drains each worker's report queue once per health-check interval (2 s by default),
+# which makes every `ray.train.report` cost ~2 s; 0.2 s keeps per-epoch reports cheap.
+RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+
+
+def _log_checkpoint(logger, manifest: Manifest) -> None:
+    metrics = "  ".join(f"{k} {v:.4f}" for k, v in sorted(manifest.metrics.items()))
+    where = "end of epoch" if manifest.position.epoch_complete else f"batch {manifest.position.batch_in_epoch} of epoch"
+    logger.info("%s %d  step %d  %s  (checkpoint %s)", where, manifest.epoch, manifest.step, metrics, manifest.id)
+
+
+class _CommitWatcher:
+    """Logs each checkpoint the workers commit, as it appears, through Prefect's run logger."""
+
+    def __init__(self, store: CheckpointStore, lineage: str, logger, interval_s: float = 0.5):
+        self.store, self.lineage, self.logger, self.interval_s = store, lineage, logger, interval_s
+        self.seen = {m.id for m in store.list(lineage)}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name=f"watch-{lineage}")
+
+    def _poll(self) -> None:
+        for manifest in self.store.list(self.lineage):
+            if manifest.id not in self.seen:
+                self.seen.add(manifest.id)
+                _log_checkpoint(self.logger, manifest)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._poll()
+            except Exception as err:  # a listing error must not kill the block
+                self.logger.debug("checkpoint watcher: %s", err)
+
+    def __enter__(self) -> "_CommitWatcher":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._poll()
+
+
+def run_block(spec: BlockSpec, logger) -> tuple[CheckpointRef, bool]:
+    """Train the block unless the store already has it. Returns (latest ref, trained?)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    store = CheckpointStore(spec.store, spec.storage_options)
+    latest = store.latest_verified(spec.lineage)
+    if latest is not None and latest.epochs_done >= spec.end_epoch:
+        logger.info("block %d: %s already has %d epochs (checkpoint %s): nothing to train",
+                    spec.index, spec.lineage, latest.epochs_done, latest.id)
+        return store.ref(latest), False
+    start = f"checkpoint {latest.id}" if latest else "scratch"
+    logger.info("block %d: training %s epochs %d-%d on %d workers from %s", spec.index, spec.lineage,
+                spec.start_epoch, spec.end_epoch - 1, spec.workers, start)
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config=spec.model_dump(mode="json"),
+        scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=False),
+        run_config=RunConfig(name=f"baton-{spec.lineage}-block{spec.index}-{uuid.uuid4().hex[:8]}",
+                             failure_config=FailureConfig(max_failures=spec.max_failures)),
+    )
+    with _CommitWatcher(store, spec.lineage, logger):
+        trainer.fit()
+    latest = store.latest_verified(spec.lineage)
+    if latest is None or latest.epochs_done < spec.end_epoch:
+        raise RuntimeError(f"block {spec.index} finished but {spec.lineage} has no checkpoint at epoch {spec.end_epoch}")
+    return store.ref(latest), True
+
+
+@task(name="train-block", task_run_name="block-{spec.index}", cache_policy=NO_CACHE)
+def train_block(spec: BlockSpec) -> CheckpointRef:
+    """Bring `spec.lineage` to the end of epoch `spec.end_epoch - 1`, resuming from the store."""
+    started = time.monotonic()
+    ref, trained = run_block(spec, get_run_logger())
+    if trained:
+        get_run_logger().info("block %d done in %.1f s: %s", spec.index, time.monotonic() - started, ref.uri)
+    return ref

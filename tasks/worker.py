@@ -1,0 +1,226 @@
+"""The Ray Train worker loop: restore, train, commit a checkpoint every epoch (and every N steps).
+
+Runs on every rank. Rank 0 writes and commits checkpoints; every rank contributes its RNG state,
+so that a resumed run continues bit for bit (DESIGN invariant 7).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import TensorDataset, default_collate
+
+import ray.train
+import ray.train.torch
+from ckpt import (CheckpointStore, Lease, Manifest, Position, ResumableSampler, TrainingState,
+                  capture_rng, decode, encode, restore_rng)
+from ckpt import _io
+
+from .recipes import Recipe, load_recipe
+from .spec import BlockSpec
+
+log = logging.getLogger("baton.worker")
+
+
+@dataclass
+class _Run:
+    spec: BlockSpec
+    recipe: Recipe
+    rank: int
+    world: int
+    store: CheckpointStore
+    model: torch.nn.Module
+    ddp: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    data: Any
+    sampler: ResumableSampler
+    position: Position
+    parent: str | None = None
+    progress: dict[str, float] = field(default_factory=lambda: {"loss_sum": 0.0, "batches": 0.0})
+
+
+def worker_loop(config: dict[str, Any]) -> None:
+    spec = BlockSpec.model_validate(config)
+    torch.set_num_threads(1)  # a fixed thread count keeps float reductions identical across resumes
+    run = _build(spec)
+    epoch, batch = _start_point(run.position)
+    while epoch < spec.end_epoch:
+        _train_epoch(run, epoch, batch)
+        epoch, batch = epoch + 1, 0
+
+
+def _build(spec: BlockSpec) -> _Run:
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    recipe = load_recipe(spec.recipe)
+    data = recipe.build_data(spec.params)
+    torch.manual_seed(spec.params.seed)
+    model = recipe.build_model(spec.params)
+    optimizer = recipe.build_optimizer(model.parameters(), spec.params)
+    scheduler = recipe.build_scheduler(optimizer, spec.params) if recipe.build_scheduler else None
+    store = CheckpointStore(spec.store, spec.storage_options)
+    run = _Run(spec, recipe, rank, world, store, model, model, optimizer, scheduler, data,
+               ResumableSampler(len(data.train), spec.params.batch_size, rank, world, spec.params.seed),
+               Position(epoch=0, batch_in_epoch=0, epoch_complete=False, step=0))
+    resume = store.latest_verified(spec.lineage)
+    restored = _restore(run, resume) if resume is not None else None
+    run.ddp = ray.train.torch.prepare_model(model) if world > 1 else model
+    # Restore each rank's RNG last, just before the first forward pass.
+    if restored is not None and len(restored.rng) == world:
+        restore_rng(restored.rng[rank])
+    else:
+        if restored is not None:
+            log.warning("checkpoint has RNG states for %d ranks, this run has %d: reseeding", len(restored.rng), world)
+        _seed_rank(spec.params.seed, rank, run.position.step)
+    return run
+
+
+def _seed_rank(seed: int, rank: int, step: int) -> None:
+    import random
+
+    import numpy as np
+
+    value = (seed * 1_000_003 + rank * 7919 + step) % 2**32
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+def _restore(run: _Run, manifest: Manifest) -> TrainingState:
+    files = {name: run.store.read(manifest, name) for name in manifest.files}
+    state = decode(files)
+    run.model.load_state_dict(state.model)
+    if state.optimizer is not None:
+        run.optimizer.load_state_dict(state.optimizer)
+    if run.scheduler is not None and state.scheduler is not None:
+        run.scheduler.load_state_dict(state.scheduler)
+    if run.recipe.load_extra_state is not None:
+        run.recipe.load_extra_state(run.model, state.extra)
+    run.position, run.parent = state.position, manifest.id
+    if not state.position.epoch_complete:  # a mid-epoch resume continues the epoch's loss sums
+        run.progress = {k: float(v) for k, v in state.progress.items()} or run.progress
+    if run.rank == 0:
+        log.info("resuming %s from %s (epoch %d, batch %d, step %d)", run.spec.lineage, manifest.id,
+                 state.position.epoch, state.position.batch_in_epoch, state.position.step)
+    return state
+
+
+def _start_point(position: Position) -> tuple[int, int]:
+    if position.epoch_complete:
+        return position.epoch + 1, 0
+    return position.epoch, position.batch_in_epoch
+
+
+def _batch(dataset, indices: list[int]):
+    # Indexing directly (no DataLoader iterator) draws nothing from the global RNG.
+    if isinstance(dataset, TensorDataset):
+        return tuple(t[indices] for t in dataset.tensors)
+    return default_collate([dataset[i] for i in indices])
+
+
+def _train_epoch(run: _Run, epoch: int, start_batch: int) -> None:
+    spec, every = run.spec, run.spec.checkpoint_every_steps
+    run.sampler.set_position(epoch, start_batch)
+    batches = run.sampler.batches_per_epoch()
+    run.ddp.train()
+    for batch, indices in enumerate(run.sampler, start=start_batch):
+        _maybe_fail(run, epoch, batch)
+        inputs, targets = _batch(run.data.train, indices)
+        run.optimizer.zero_grad()
+        loss = run.recipe.loss(run.ddp(inputs), targets)
+        loss.backward()
+        run.optimizer.step()
+        run.progress["loss_sum"] += loss.item()
+        run.progress["batches"] += 1
+        run.position = Position(epoch=epoch, batch_in_epoch=batch + 1, epoch_complete=batch + 1 == batches,
+                                step=run.position.step + 1)
+        if every and run.position.step % every == 0 and batch + 1 < batches:
+            _checkpoint(run, report=False)
+    if run.scheduler is not None:
+        run.scheduler.step()
+    _checkpoint(run, report=True)
+    run.progress = {"loss_sum": 0.0, "batches": 0.0}
+
+
+def _metrics(run: _Run) -> dict[str, float]:
+    totals = torch.tensor([run.progress["loss_sum"], run.progress["batches"]], dtype=torch.float64)
+    if run.world > 1:
+        dist.all_reduce(totals)
+    metrics = {"loss": (totals[0] / max(totals[1].item(), 1.0)).item()}
+    if run.recipe.evaluate is not None and run.data.validation is not None and run.position.epoch_complete:
+        run.model.eval()
+        metrics.update(run.recipe.evaluate(run.model, run.data.validation))
+        run.model.train()
+    return metrics
+
+
+def _checkpoint(run: _Run, report: bool) -> None:
+    metrics = _metrics(run)
+    rngs: list[Any] = [None] * run.world
+    if run.world > 1:
+        dist.all_gather_object(rngs, capture_rng())
+    else:
+        rngs = [capture_rng()]
+    error: list[BaseException] = []
+    if run.rank == 0:
+        try:
+            manifest = _commit(run, rngs, metrics)
+            run.parent = manifest.id
+        except BaseException as err:  # every rank must learn of it, or the others hang in the next collective
+            error.append(err)
+    failed = torch.tensor([1 if error else 0])
+    if run.world > 1:
+        dist.broadcast(failed, src=0)
+    if error:
+        raise error[0]
+    if failed.item():
+        raise RuntimeError("rank 0 failed to commit the checkpoint; see its log")
+    if report:
+        ray.train.report({**metrics, "epoch": run.position.epoch, "step": run.position.step})
+
+
+def _commit(run: _Run, rngs: list[Any], metrics: dict[str, float]) -> Manifest:
+    extra = run.recipe.extra_state(run.model) if run.recipe.extra_state else {}
+    state = TrainingState(model=run.model.state_dict(), position=run.position,
+                          optimizer=run.optimizer.state_dict(),
+                          scheduler=run.scheduler.state_dict() if run.scheduler is not None else None,
+                          rng=rngs, progress=dict(run.progress), extra=extra)
+    files, digest = encode(state)
+    spec = run.spec
+    fence_check = (lambda: Lease.check(run.store, spec.lineage, spec.fence)) if spec.fence else None
+    return run.store.commit(spec.lineage, run.position, files, digest=digest, metrics=metrics,
+                            config_hash=spec.config_hash, parent=run.parent, versions=_versions(),
+                            fence=spec.fence, before_commit=fence_check)
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for package in ("torch", "ray", "safetensors", "baton"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _maybe_fail(run: _Run, epoch: int, batch: int) -> None:
+    fail = run.spec.fail
+    if fail is None or (fail.epoch, fail.batch, fail.rank) != (epoch, batch, run.rank):
+        return
+    # A marker per firing, created exclusively in the store, so a retry does not fail forever.
+    fired = any(_io.write_exclusive(run.store.fs, run.store.path(run.spec.lineage, "_faults", f"{epoch}-{batch}-{n}"), b"")
+                for n in range(fail.times))
+    if not fired:
+        return
+    if fail.action == "kill-worker":
+        log.warning("failure injection: SIGKILL of rank %d at epoch %d batch %d", run.rank, epoch, batch)
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"failure injection: rank {run.rank} fails at epoch {epoch} batch {batch}")
