@@ -13,14 +13,16 @@ from .errors import (
 from .lease import Lease, LeaseRecord
 from .manifest import CheckpointRef, FileEntry, Manifest, Position
 from .names import checkpoint_id, validate_name
+from .retention import Decision, RetentionPlan, RetentionPolicy, apply, collect, plan, prune
 from .sampler import ResumableSampler
 from .state import RankRNG, TrainingState, capture_rng, decode, encode, model_digest, restore_rng
 from .store import CheckpointStore
 
 __all__ = [
     "CheckpointCorrupted", "CheckpointError", "CheckpointExists", "CheckpointNotFound",
-    "CheckpointRef", "CheckpointStore", "FileEntry", "InvalidName", "Lease", "LeaseHeld",
+    "CheckpointRef", "CheckpointStore", "Decision", "FileEntry", "InvalidName", "Lease", "LeaseHeld",
     "LeaseLost", "LeaseRecord", "Manifest", "Position", "RankRNG", "ResumableSampler",
+    "RetentionPlan", "RetentionPolicy", "apply", "collect", "plan", "prune",
     "TrainingState", "capture_rng", "checkpoint_id", "decode", "encode", "model_digest",
     "restore_rng", "validate_name",
 ]

@@ -1,0 +1,132 @@
+"""Shared fixtures. Fast unit tests run first; integration tests share one Ray cluster
+(`ray start`) and one Prefect server (`prefect server start`) per session, both real."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def pytest_collection_modifyitems(config, items):
+    # Unit tests first: they fail in seconds, before any cluster starts.
+    items.sort(key=lambda item: 0 if "/unit/" in str(item.fspath) else 1)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("baton-session")
+
+
+@pytest.fixture(scope="session")
+def base_env(session_dir: Path) -> dict[str, str]:
+    """An environment isolated from the user's: HOME (Ray's auth token), PREFECT_HOME."""
+    home = session_dir / "home"
+    home.mkdir(exist_ok=True)
+    env = dict(os.environ)
+    env.update(HOME=str(home), PREFECT_HOME=str(session_dir / "prefect"),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", RAY_USAGE_STATS_ENABLED="0",
+               PYTHONUNBUFFERED="1", RAY_AUTH_MODE="token")
+    for key in ("PREFECT_API_URL", "RAY_ADDRESS"):
+        env.pop(key, None)
+    return env
+
+
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def prefect_server(base_env: dict[str, str], session_dir: Path):
+    port = free_port()
+    log = session_dir / "prefect-server.log"
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=base_env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        _wait_http(f"{url}/health", 90, proc, log)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(base_env: dict[str, str], prefect_server: str, session_dir: Path):
+    """A real single-node Ray cluster started with `ray start`, with token authentication on."""
+    env = dict(base_env, PREFECT_API_URL=prefect_server)
+    port = free_port()
+    cmd = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=4",
+           "--include-dashboard=false", "--disable-usage-stats",
+           f"--temp-dir={tempfile.mkdtemp(prefix='rt', dir='/tmp')}"]  # unix socket paths: < 108 bytes
+    # Ray 2.60 has token authentication on: the token lives in $HOME/.ray/auth_token (isolated).
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, capture_output=True,
+                   check=True, timeout=60)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    if out.returncode != 0:
+        raise RuntimeError(f"ray start failed:\n{out.stdout}\n{out.stderr}")
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def cluster_env(base_env, prefect_server, ray_cluster) -> dict[str, str]:
+    """Environment for `baton` processes: the shared Prefect server and Ray cluster."""
+    return dict(base_env, PREFECT_API_URL=prefect_server, RAY_ADDRESS=ray_cluster)
+
+
+@pytest.fixture(scope="session")
+def s3_env(base_env) -> dict[str, str]:
+    """A real S3 server (Ceph RGW on 127.0.0.1, scripts/s3-server) and its credentials."""
+    from tests.s3server import ensure_s3_server
+
+    env = ensure_s3_server()
+    os.environ.update(env)  # in-process stores read the standard AWS_* variables, as users' do
+    return env
+
+
+@pytest.fixture
+def s3_store(s3_env, request) -> str:
+    from tests.s3server import new_bucket
+
+    name = "t-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40]
+    name = name.rstrip("-") + "-" + os.urandom(3).hex()
+    return new_bucket(s3_env, name)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)
