@@ -28,9 +28,17 @@ class TrainSummary(BaseModel):
     wall_time_s: float
 
 
+# Storage credentials and endpoint travel with the job to the Ray workers that read and write the
+# store, the way the driver sees them; their values are never logged.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
+
+
 def ray_task_runner(address: str | None = None) -> RayTaskRunner:
     """Attach to `address` (or RAY_ADDRESS), else start a local Ray for the run."""
-    init_kwargs = {"runtime_env": {"env_vars": dict(RAY_TRAIN_ENV)}, "log_to_driver": True}
+    env = dict(RAY_TRAIN_ENV)
+    env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
+    init_kwargs = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
     return RayTaskRunner(address=address, init_kwargs=init_kwargs)
 
 
