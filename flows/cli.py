@@ -69,6 +69,7 @@ def train(
     block_retries: Optional[int] = typer.Option(None, help="Prefect retries per block task [default: 1]."),
     ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Existing Ray cluster (default: start a local one)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the config and block plan; train nothing."),
 ) -> None:
     """Train a lineage to --epochs, resuming from its latest committed checkpoint."""
     flags = dict(lineage=lineage, store=store, epochs=epochs, epochs_per_block=epochs_per_block,
@@ -76,6 +77,11 @@ def train(
                  checkpoint_every_steps=checkpoint_every_steps, max_failures=max_failures,
                  block_retries=block_retries)
     config = build_config(config_file, flags)
+    if dry_run:
+        plan = [{"block": b.index, "epochs": [b.start_epoch, b.end_epoch - 1]} for b in config.blocks()]
+        print(json.dumps({"lineage": config.resolved_lineage(), "config": config.model_dump(mode="json"),
+                          "blocks": plan}, indent=2))
+        return
     if ray_address:
         os.environ["RAY_ADDRESS"] = ray_address
     from ._server import prefect_api
