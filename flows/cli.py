@@ -35,11 +35,21 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     return data.get("config", data)
 
 
+def _json_flag(name: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        err_console.print(f"[red]{name} must be JSON, for example '{{\"epoch\": 1, \"batch\": 2}}': {err}[/red]")
+        raise typer.Exit(2) from None
+
+
 def build_config(file: Optional[Path], flags: dict[str, Any]):
     """YAML file first, flags on top; every error names its field."""
     from .config import TrainConfig
 
     values = _load_yaml(file) if file else {}
+    if os.environ.get("BATON_FAIL") and "fail" not in values:
+        values["fail"] = _json_flag("BATON_FAIL", os.environ["BATON_FAIL"])
     values.update({k: v for k, v in flags.items() if v is not None})
     try:
         return TrainConfig.model_validate(values)
@@ -67,6 +77,10 @@ def train(
     checkpoint_every_steps: Optional[int] = typer.Option(None, help="Also checkpoint every N steps."),
     max_failures: Optional[int] = typer.Option(None, help="Ray Train worker-group restarts per block [default: 1]."),
     block_retries: Optional[int] = typer.Option(None, help="Prefect retries per block task [default: 1]."),
+    init_from: Optional[str] = typer.Option(None, help="Warm start from LINEAGE[@ID|@latest|@best|@ALIAS]."),
+    init_mode: Optional[str] = typer.Option(None, help="weights (fresh optimizer) or full [default: weights]."),
+    fail: Optional[str] = typer.Option(None, help='Failure injection as JSON, e.g. \'{"epoch": 1, "batch": 2, "action": "kill-worker"}\'.'),
+    sample_log: Optional[str] = typer.Option(None, help="Folder for a per-rank log of the samples trained."),
     ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Existing Ray cluster (default: start a local one)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the config and block plan; train nothing."),
@@ -75,7 +89,8 @@ def train(
     flags = dict(lineage=lineage, store=store, epochs=epochs, epochs_per_block=epochs_per_block,
                  workers=workers, recipe=recipe, seed=seed, lr=lr, batch_size=batch_size,
                  checkpoint_every_steps=checkpoint_every_steps, max_failures=max_failures,
-                 block_retries=block_retries)
+                 block_retries=block_retries, init_from=init_from, init_mode=init_mode,
+                 fail=_json_flag("--fail", fail) if fail else None, sample_log=sample_log)
     config = build_config(config_file, flags)
     if dry_run:
         plan = [{"block": b.index, "epochs": [b.start_epoch, b.end_epoch - 1]} for b in config.blocks()]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -43,7 +43,14 @@ class TrainConfig(BaseModel):
     max_failures: int = Field(1, ge=0, description="Ray Train worker-group restarts within one block.")
     block_retries: int = Field(1, ge=0, description="Prefect retries of a failed block task.")
     lease_ttl_s: float = Field(30.0, gt=0, description="Seconds without a heartbeat after which the lineage lease is stale.")
-    fail: FailureInjection | None = Field(None, description="Failure injection for tests and drills.")
+    init_from: str | None = Field(None, description="Warm start a new lineage from LINEAGE[@ID|@latest|@best|@ALIAS] "
+                                  "in the same store; used only while this lineage has no checkpoint.")
+    init_mode: Literal["weights", "full"] = Field("weights", description="`weights`: the model only, fresh optimizer; "
+                                                  "`full`: also optimizer, scheduler, custom state and RNG.")
+    fail: FailureInjection | None = Field(None, description="Failure injection for tests and drills "
+                                          "(also from the BATON_FAIL environment variable, as JSON).")
+    sample_log: str | None = Field(None, description="Local folder for an audit log of the samples each rank "
+                                   "trained on (one JSON line per batch).")
 
     @field_validator("lineage")
     @classmethod
@@ -53,6 +60,19 @@ class TrainConfig(BaseModel):
                 validate_name(value, "lineage")
             except InvalidName as err:
                 raise ValueError(str(err)) from None
+        return value
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_from_is_safe(cls, value: str | None) -> str | None:
+        if value is not None:
+            source, _, selector = value.partition("@")
+            try:
+                validate_name(source, "lineage")
+                if selector and selector not in ("latest", "best"):
+                    validate_name(selector, "checkpoint id or alias")
+            except InvalidName as err:
+                raise ValueError(f"{err} (init_from is LINEAGE[@ID|@latest|@best|@ALIAS])") from None
         return value
 
     @field_validator("recipe")
@@ -79,6 +99,8 @@ class TrainConfig(BaseModel):
         """What makes two runs the same training: recipe, hyper-parameters and world size."""
         key = {"recipe": self.recipe, "params": self.recipe_params().model_dump(exclude={"epochs"}),
                "workers": self.workers}
+        if self.init_from:
+            key.update(init_from=self.init_from, init_mode=self.init_mode)
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
     def resolved_lineage(self) -> str:
@@ -97,6 +119,7 @@ class TrainConfig(BaseModel):
                       storage_options=self.storage_options, recipe=self.recipe, params=params,
                       workers=self.workers, checkpoint_every_steps=self.checkpoint_every_steps,
                       max_failures=self.max_failures, fence=fence, config_hash=self.config_hash(),
-                      fail=self.fail)
+                      fail=self.fail, init_from=self.init_from, init_mode=self.init_mode,
+                      sample_log=self.sample_log and os.path.abspath(self.sample_log))
             for i, start in enumerate(range(0, self.epochs, self.epochs_per_block))
         ]

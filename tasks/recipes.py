@@ -45,6 +45,8 @@ class Recipe:
     evaluate: Callable[[nn.Module, Dataset], dict[str, float]] | None = None
     default_lr: float = 0.01
     default_batch_size: int = 16
+    # Called after every optimizer step (an EMA update, a curriculum counter...).
+    after_step: Callable[[nn.Module], None] | None = None
     # Custom state saved and restored with the checkpoint: tensors and JSON values only.
     extra_state: Callable[[nn.Module], dict[str, Any]] | None = None
     load_extra_state: Callable[[nn.Module, dict[str, Any]], None] | None = None

@@ -4,22 +4,35 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .recipes import RecipeParams
 
 
 class FailureInjection(BaseModel):
-    """Fail on purpose, for tests and drills: once per lineage at the given point."""
+    """Fail on purpose, for tests and drills, at a given point of training.
+
+    Each firing leaves a marker in the store (`<lineage>/_faults/`), so the failure fires `times`
+    times in all for the lineage and the retry that follows can succeed.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     action: Literal["raise", "kill-worker"] = Field(
         "raise", description="`raise` an exception in the worker, or SIGKILL the worker process.")
+    phase: Literal["batch", "commit"] = Field(
+        "batch", description="`batch`: before training batch `batch` of `epoch`; `commit`: while committing "
+        "the checkpoint taken after that batch, when its files are written but its manifest is not (rank 0).")
     epoch: int = Field(0, ge=0, description="Epoch at which to fail.")
-    batch: int = Field(0, ge=0, description="Batch within the epoch before which to fail.")
-    rank: int = Field(0, ge=0, description="Which worker fails.")
+    batch: int = Field(0, ge=0, description="Batch within the epoch (0-based).")
+    rank: int = Field(0, ge=0, description="Which worker fails (the commit phase runs on rank 0).")
     times: int = Field(1, ge=1, description="How many times in all the failure fires for this lineage.")
+
+    @model_validator(mode="after")
+    def _commit_runs_on_rank_zero(self) -> "FailureInjection":
+        if self.phase == "commit" and self.rank != 0:
+            raise ValueError("fail.rank must be 0 for phase 'commit': only rank 0 commits checkpoints")
+        return self
 
 
 class BlockSpec(BaseModel):
@@ -41,3 +54,6 @@ class BlockSpec(BaseModel):
     fence: int = Field(0, ge=0, description="Lease fencing number that commits must still carry.")
     config_hash: str = ""
     fail: FailureInjection | None = None
+    init_from: str | None = Field(None, description="LINEAGE[@ID|@latest|@best|@ALIAS] to warm-start from.")
+    init_mode: Literal["weights", "full"] = "weights"
+    sample_log: str | None = Field(None, description="Local folder for a per-rank log of the samples trained.")

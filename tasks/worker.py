@@ -7,6 +7,7 @@ so that a resumed run continues bit for bit (DESIGN invariant 7).
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import os
 import signal
@@ -71,16 +72,47 @@ def _build(spec: BlockSpec) -> _Run:
                ResumableSampler(len(data.train), spec.params.batch_size, rank, world, spec.params.seed),
                Position(epoch=0, batch_in_epoch=0, epoch_complete=False, step=0))
     resume = store.latest_verified(spec.lineage)
-    restored = _restore(run, resume) if resume is not None else None
+    if resume is not None:
+        restored = _restore(run, resume)
+    elif spec.init_from:
+        restored = _warm_start(run)
+    else:
+        restored = None
     run.ddp = ray.train.torch.prepare_model(model) if world > 1 else model
     # Restore each rank's RNG last, just before the first forward pass.
-    if restored is not None and len(restored.rng) == world:
+    if restored is not None and len(restored.rng) == world and "rng" not in _omitted():
         restore_rng(restored.rng[rank])
     else:
-        if restored is not None:
-            log.warning("checkpoint has RNG states for %d ranks, this run has %d: reseeding", len(restored.rng), world)
+        if restored is not None and len(restored.rng) != world:
+            log.warning("checkpoint has RNG states for %d ranks, this run has %d: reseeding, so this "
+                        "resume is not bit-exact", len(restored.rng), world)
         _seed_rank(spec.params.seed, rank, run.position.step)
     return run
+
+
+def _omitted() -> set[str]:
+    """Test-only switch: state deliberately left out of restore, to show the exactness tests bite."""
+    return set(filter(None, os.environ.get("BATON_TEST_OMIT_STATE", "").split(",")))
+
+
+def _warm_start(run: _Run) -> TrainingState | None:
+    """Start a new lineage from another lineage's weights (or, in `full` mode, its whole state)."""
+    source, _, selector = run.spec.init_from.partition("@")
+    manifest = run.store.resolve(source, selector or "latest")
+    state = decode({name: run.store.read(manifest, name) for name in manifest.files})
+    run.model.load_state_dict(state.model)
+    run.parent = f"{source}/{manifest.id}"
+    if run.rank == 0:
+        log.info("warm start of %s from %s (%s)", run.spec.lineage, run.parent, run.spec.init_mode)
+    if run.spec.init_mode == "weights":
+        return None
+    if state.optimizer is not None:
+        run.optimizer.load_state_dict(state.optimizer)
+    if run.scheduler is not None and state.scheduler is not None:
+        run.scheduler.load_state_dict(state.scheduler)
+    if run.recipe.load_extra_state is not None:
+        run.recipe.load_extra_state(run.model, state.extra)
+    return state
 
 
 def _seed_rank(seed: int, rank: int, step: int) -> None:
@@ -132,12 +164,16 @@ def _train_epoch(run: _Run, epoch: int, start_batch: int) -> None:
     batches = run.sampler.batches_per_epoch()
     run.ddp.train()
     for batch, indices in enumerate(run.sampler, start=start_batch):
-        _maybe_fail(run, epoch, batch)
+        _maybe_fail(run, "batch", epoch, batch)
+        if spec.sample_log:
+            _log_samples(run, epoch, batch, indices)
         inputs, targets = _batch(run.data.train, indices)
         run.optimizer.zero_grad()
         loss = run.recipe.loss(run.ddp(inputs), targets)
         loss.backward()
         run.optimizer.step()
+        if run.recipe.after_step is not None:
+            run.recipe.after_step(run.model)
         run.progress["loss_sum"] += loss.item()
         run.progress["batches"] += 1
         run.position = Position(epoch=epoch, batch_in_epoch=batch + 1, epoch_complete=batch + 1 == batches,
@@ -148,6 +184,17 @@ def _train_epoch(run: _Run, epoch: int, start_batch: int) -> None:
         run.scheduler.step()
     _checkpoint(run, report=True)
     run.progress = {"loss_sum": 0.0, "batches": 0.0}
+
+
+_ATTEMPT = os.urandom(4).hex()  # one per worker process: tells a retried batch from the first try
+
+
+def _log_samples(run: _Run, epoch: int, batch: int, indices: list[int]) -> None:
+    """Audit trail of the samples each rank trained on (`sample_log`), one JSON line per batch."""
+    os.makedirs(run.spec.sample_log, exist_ok=True)
+    line = json.dumps({"attempt": _ATTEMPT, "epoch": epoch, "batch": batch, "rank": run.rank, "indices": indices})
+    with open(os.path.join(run.spec.sample_log, f"rank{run.rank}.jsonl"), "a") as handle:
+        handle.write(line + "\n")
 
 
 def _metrics(run: _Run) -> dict[str, float]:
@@ -194,11 +241,17 @@ def _commit(run: _Run, rngs: list[Any], metrics: dict[str, float]) -> Manifest:
                           scheduler=run.scheduler.state_dict() if run.scheduler is not None else None,
                           rng=rngs, progress=dict(run.progress), extra=extra)
     files, digest = encode(state)
-    spec = run.spec
-    fence_check = (lambda: Lease.check(run.store, spec.lineage, spec.fence)) if spec.fence else None
-    return run.store.commit(spec.lineage, run.position, files, digest=digest, metrics=metrics,
+    spec, position = run.spec, run.position
+
+    def before_commit() -> None:
+        # Files are written, the manifest is not: the moment a crash must never expose.
+        _maybe_fail(run, "commit", position.epoch, position.batch_in_epoch - 1)
+        if spec.fence:
+            Lease.check(run.store, spec.lineage, spec.fence)
+
+    return run.store.commit(spec.lineage, position, files, digest=digest, metrics=metrics,
                             config_hash=spec.config_hash, parent=run.parent, versions=_versions(),
-                            fence=spec.fence, before_commit=fence_check)
+                            fence=spec.fence, before_commit=before_commit)
 
 
 def _versions() -> dict[str, str]:
@@ -211,16 +264,16 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _maybe_fail(run: _Run, epoch: int, batch: int) -> None:
+def _maybe_fail(run: _Run, phase: str, epoch: int, batch: int) -> None:
     fail = run.spec.fail
-    if fail is None or (fail.epoch, fail.batch, fail.rank) != (epoch, batch, run.rank):
+    if fail is None or (fail.phase, fail.epoch, fail.batch, fail.rank) != (phase, epoch, batch, run.rank):
         return
     # A marker per firing, created exclusively in the store, so a retry does not fail forever.
-    fired = any(_io.write_exclusive(run.store.fs, run.store.path(run.spec.lineage, "_faults", f"{epoch}-{batch}-{n}"), b"")
+    fired = any(_io.write_exclusive(run.store.fs, run.store.path(run.spec.lineage, "_faults", f"{phase}-{epoch}-{batch}-{n}"), b"")
                 for n in range(fail.times))
     if not fired:
         return
     if fail.action == "kill-worker":
-        log.warning("failure injection: SIGKILL of rank %d at epoch %d batch %d", run.rank, epoch, batch)
+        log.warning("failure injection: SIGKILL of rank %d at %s %d/%d", run.rank, phase, epoch, batch)
         os.kill(os.getpid(), signal.SIGKILL)
-    raise RuntimeError(f"failure injection: rank {run.rank} fails at epoch {epoch} batch {batch}")
+    raise RuntimeError(f"failure injection: rank {run.rank} fails at {phase} of epoch {epoch} batch {batch}")

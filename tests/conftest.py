@@ -43,7 +43,9 @@ def base_env(session_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(HOME=str(home), PREFECT_HOME=str(session_dir / "prefect"),
                PREFECT_SERVER_ANALYTICS_ENABLED="false", RAY_USAGE_STATS_ENABLED="0",
-               PYTHONUNBUFFERED="1", RAY_AUTH_MODE="token")
+               PYTHONUNBUFFERED="1", RAY_AUTH_MODE="token",
+               # Ray workers import test recipes (tests.integration.recipes) from the checkout.
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     for key in ("PREFECT_API_URL", "RAY_ADDRESS"):
         env.pop(key, None)
     return env
