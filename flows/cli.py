@@ -54,12 +54,16 @@ def build_config(file: Optional[Path], flags: dict[str, Any]):
     try:
         return TrainConfig.model_validate(values)
     except ValidationError as err:
-        err_console.print("[red]invalid training configuration:[/red]")
-        for problem in err.errors():
-            field = ".".join(str(p) for p in problem["loc"]) or "config"
-            err_console.print(f"  [bold]{field}[/bold]: {problem['msg']} (got {problem.get('input')!r})")
-        err_console.print("Fix the flag (--field-name) or the key in the --config file.")
+        _print_errors(err)
         raise typer.Exit(2) from None
+
+
+def _print_errors(err: ValidationError) -> None:
+    err_console.print("[red]invalid configuration:[/red]")
+    for problem in err.errors():
+        field = ".".join(str(p) for p in problem["loc"]) or "config"
+        err_console.print(f"  [bold]{field}[/bold]: {problem['msg']} (got {problem.get('input')!r})")
+    err_console.print("Fix the flag (--field-name) or the key in the --config file.")
 
 
 @app.command()
@@ -75,6 +79,8 @@ def train(
     lr: Optional[float] = typer.Option(None, help="Learning rate [default: the recipe's]."),
     batch_size: Optional[int] = typer.Option(None, help="Per-worker batch size [default: the recipe's]."),
     checkpoint_every_steps: Optional[int] = typer.Option(None, help="Also checkpoint every N steps."),
+    checkpoint_mode: Optional[str] = typer.Option(None, help="sync or async [default: sync]."),
+    placement_strategy: Optional[str] = typer.Option(None, help="PACK, SPREAD, STRICT_PACK or STRICT_SPREAD [default: PACK]."),
     max_failures: Optional[int] = typer.Option(None, help="Ray Train worker-group restarts per block [default: 1]."),
     block_retries: Optional[int] = typer.Option(None, help="Prefect retries per block task [default: 1]."),
     init_from: Optional[str] = typer.Option(None, help="Warm start from LINEAGE[@ID|@latest|@best|@ALIAS]."),
@@ -89,7 +95,8 @@ def train(
     flags = dict(lineage=lineage, store=store, epochs=epochs, epochs_per_block=epochs_per_block,
                  workers=workers, recipe=recipe, seed=seed, lr=lr, batch_size=batch_size,
                  checkpoint_every_steps=checkpoint_every_steps, max_failures=max_failures,
-                 block_retries=block_retries, init_from=init_from, init_mode=init_mode,
+                 block_retries=block_retries, checkpoint_mode=checkpoint_mode,
+                 placement_strategy=placement_strategy, init_from=init_from, init_mode=init_mode,
                  fail=_json_flag("--fail", fail) if fail else None, sample_log=sample_log)
     config = build_config(config_file, flags)
     if dry_run:
@@ -99,20 +106,9 @@ def train(
         return
     if ray_address:
         os.environ["RAY_ADDRESS"] = ray_address
-    from ._server import prefect_api
+    from .train import train as train_flow
 
-    with prefect_api():
-        from .train import train as train_flow
-
-        state = train_flow(config=config, return_state=True)
-        if not state.is_completed():
-            err_console.print(f"[red]training failed: {state.message}[/red]")
-            try:
-                state.result()
-            except Exception as err:
-                err_console.print(f"[red]{type(err).__name__}: {err}[/red]")
-            raise typer.Exit(1)
-        summary = state.result()
+    summary = _run_flow(train_flow, config=config)
     if as_json:
         print(summary.model_dump_json(indent=2))
         return
@@ -122,6 +118,72 @@ def train(
                   f"of {summary.epochs}")
     if final:
         console.print(f"final checkpoint {final.id}: {json.dumps(final.metrics)}\n  {final.uri}")
+
+
+def _run_flow(flow_fn, **params):
+    """Run a flow against PREFECT_API_URL, or a Prefect server started for this command."""
+    from ._server import prefect_api
+
+    with prefect_api():
+        state = flow_fn(**params, return_state=True)
+        if not state.is_completed():
+            err_console.print(f"[red]{flow_fn.name} failed: {state.message}[/red]")
+            try:
+                state.result()
+            except Exception as err:
+                err_console.print(f"[red]{type(err).__name__}: {err}[/red]")
+            raise typer.Exit(1)
+        return state.result()
+
+
+@app.command()
+def cleanup(
+    store: str = typer.Argument(..., help="Checkpoint store: folder or fsspec URL."),
+    lineage: Optional[str] = typer.Option(None, help="Only this lineage (default: all)."),
+    keep_last: Optional[int] = typer.Option(None, help="Keep the N newest checkpoints of each lineage."),
+    keep_best: Optional[int] = typer.Option(None, help="Keep the K best by --metric/--mode."),
+    metric: str = typer.Option("loss", help="Metric for --keep-best."),
+    mode: str = typer.Option("min", help="min or max, for --keep-best."),
+    keep_every: Optional[int] = typer.Option(None, help="Keep one checkpoint per N epochs."),
+    min_age: Optional[str] = typer.Option(None, help="Never delete younger checkpoints (90s, 10m, 2h, 7d)."),
+    uncommitted_ttl: Optional[str] = typer.Option(None, help="Remove uncommitted leftovers older than this [default: 1h]."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Plan and report; delete nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print every decision as JSON."),
+) -> None:
+    """Prune checkpoints by a retention policy (the `cleanup` flow). Always kept: the latest of each
+    lineage, pinned checkpoints, and those a live training run may be using."""
+    from .cleanup import CleanupConfig
+
+    policy = {k: v for k, v in dict(keep_last=keep_last, keep_best=keep_best, metric=metric, mode=mode,
+                                    keep_every=keep_every, min_age=min_age,
+                                    uncommitted_ttl=uncommitted_ttl).items() if v is not None}
+    try:
+        config = CleanupConfig.model_validate(dict(store=store, lineage=lineage, policy=policy, dry_run=dry_run))
+    except ValidationError as err:
+        _print_errors(err)
+        raise typer.Exit(2) from None
+    from .cleanup import cleanup as cleanup_flow
+
+    result = _run_flow(cleanup_flow, config=config)
+    if as_json:
+        print(result.model_dump_json(indent=2))
+        return
+    verb = "would delete" if dry_run else "deleted"
+    for d in result.deleted:
+        console.print(f"{verb} {d.lineage}/{d.id}: {'; '.join(d.reasons)}")
+    console.print(f"{verb} {len(result.deleted)}, kept {len(result.kept)}, "
+                  f"{'would free' if dry_run else 'freed'} {result.bytes_freed:,} bytes")
+
+
+@app.command()
+def serve(
+    store: str = typer.Option("./checkpoints", help="Store of the nightly deployments."),
+    cron: str = typer.Option("0 2 * * *", help="Schedule of nightly retraining and cleanup (cron)."),
+) -> None:
+    """Serve every deployment (train/on-demand, train/nightly-retrain, cleanup/nightly) from one process."""
+    from deployments.serve import serve_all  # deployments build on flows, so imported only here
+
+    serve_all(store=store, cron=cron)
 
 
 def main() -> None:

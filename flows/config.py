@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ckpt import validate_name
+from ckpt import RetentionPolicy, validate_name
 from ckpt.errors import InvalidName
 from tasks.recipes import RecipeError, RecipeParams, load_recipe
 from tasks.spec import BlockSpec, FailureInjection
@@ -49,6 +49,12 @@ class TrainConfig(BaseModel):
                                                   "`full`: also optimizer, scheduler, custom state and RNG.")
     fail: FailureInjection | None = Field(None, description="Failure injection for tests and drills "
                                           "(also from the BATON_FAIL environment variable, as JSON).")
+    checkpoint_mode: Literal["sync", "async"] = Field("sync", description="`async`: training blocks only to "
+                                                     "snapshot state; writing and committing happen in the background.")
+    prune: RetentionPolicy | None = Field(None, description="Prune the lineage by this policy after each commit "
+                                          "during training (like Ray Train's num_to_keep); off by default.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places the workers over nodes (SPREAD puts them on different nodes).")
     sample_log: str | None = Field(None, description="Local folder for an audit log of the samples each rank "
                                    "trained on (one JSON line per batch).")
 
@@ -120,6 +126,8 @@ class TrainConfig(BaseModel):
                       workers=self.workers, checkpoint_every_steps=self.checkpoint_every_steps,
                       max_failures=self.max_failures, fence=fence, config_hash=self.config_hash(),
                       fail=self.fail, init_from=self.init_from, init_mode=self.init_mode,
-                      sample_log=self.sample_log and os.path.abspath(self.sample_log))
+                      sample_log=self.sample_log and os.path.abspath(self.sample_log),
+                      checkpoint_mode=self.checkpoint_mode, placement_strategy=self.placement_strategy,
+                      prune=self.prune)
             for i, start in enumerate(range(0, self.epochs, self.epochs_per_block))
         ]

@@ -9,7 +9,7 @@ import uuid
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from ckpt import CheckpointRef, CheckpointStore, Manifest
+from ckpt import CheckpointRef, CheckpointStore, Manifest, RetentionPolicy, prune
 
 from .spec import BlockSpec
 from .worker import worker_loop
@@ -26,19 +26,26 @@ def _log_checkpoint(logger, manifest: Manifest) -> None:
 
 
 class _CommitWatcher:
-    """Logs each checkpoint the workers commit, as it appears, through Prefect's run logger."""
+    """Logs each checkpoint the workers commit, as it appears, through Prefect's run logger, and
+    prunes the lineage after each commit when the block has a retention policy."""
 
-    def __init__(self, store: CheckpointStore, lineage: str, logger, interval_s: float = 0.5):
+    def __init__(self, store: CheckpointStore, lineage: str, logger, interval_s: float = 0.5,
+                 policy: RetentionPolicy | None = None):
         self.store, self.lineage, self.logger, self.interval_s = store, lineage, logger, interval_s
+        self.policy = policy
         self.seen = {m.id for m in store.list(lineage)}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name=f"watch-{lineage}")
 
     def _poll(self) -> None:
-        for manifest in self.store.list(self.lineage):
-            if manifest.id not in self.seen:
-                self.seen.add(manifest.id)
-                _log_checkpoint(self.logger, manifest)
+        fresh = [m for m in self.store.list(self.lineage) if m.id not in self.seen]
+        for manifest in fresh:
+            self.seen.add(manifest.id)
+            _log_checkpoint(self.logger, manifest)
+        if fresh and self.policy is not None:
+            result = prune(self.store, self.policy, self.lineage)
+            if result.deleted:
+                self.logger.info("pruned %s: %s", self.lineage, ", ".join(d.id for d in result.deleted))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -74,11 +81,12 @@ def run_block(spec: BlockSpec, logger) -> tuple[CheckpointRef, bool]:
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config=spec.model_dump(mode="json"),
-        scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=False),
+        scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=False,
+                                     placement_strategy=spec.placement_strategy),
         run_config=RunConfig(name=f"baton-{spec.lineage}-block{spec.index}-{uuid.uuid4().hex[:8]}",
                              failure_config=FailureConfig(max_failures=spec.max_failures)),
     )
-    with _CommitWatcher(store, spec.lineage, logger):
+    with _CommitWatcher(store, spec.lineage, logger, policy=spec.prune):
         trainer.fit()
     latest = store.latest_verified(spec.lineage)
     if latest is None or latest.epochs_done < spec.end_epoch:

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ckpt.retention import RetentionPolicy
+
 from .recipes import RecipeParams
 
 
@@ -57,3 +59,6 @@ class BlockSpec(BaseModel):
     init_from: str | None = Field(None, description="LINEAGE[@ID|@latest|@best|@ALIAS] to warm-start from.")
     init_mode: Literal["weights", "full"] = "weights"
     sample_log: str | None = Field(None, description="Local folder for a per-rank log of the samples trained.")
+    checkpoint_mode: Literal["sync", "async"] = "sync"
+    prune: RetentionPolicy | None = None
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"

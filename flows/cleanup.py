@@ -1,0 +1,57 @@
+"""The `cleanup` flow: prune a store by a retention policy, safely, while training goes on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ckpt import RetentionPlan, RetentionPolicy, validate_name
+from ckpt.errors import InvalidName
+from tasks.prune import prune_store
+
+
+class CleanupConfig(BaseModel):
+    """Which store (and lineage) to prune, and by which policy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store: str = Field("./checkpoints", description="Checkpoint store: a local folder or an fsspec URL.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the store.")
+    lineage: str | None = Field(None, description="Prune only this lineage (default: every lineage).")
+    policy: RetentionPolicy = Field(default_factory=lambda: RetentionPolicy(keep_last=3),
+                                    description="What to keep; a checkpoint survives if any rule keeps it.")
+    dry_run: bool = Field(False, description="Plan and report, delete nothing.")
+
+    @field_validator("lineage")
+    @classmethod
+    def _lineage_is_safe(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                validate_name(value, "lineage")
+            except InvalidName as err:
+                raise ValueError(str(err)) from None
+        return value
+
+
+def _publish(result: RetentionPlan, config: CleanupConfig) -> None:
+    rows = [{"lineage": d.lineage, "checkpoint": d.id, "action": d.action, "why": "; ".join(d.reasons),
+             "bytes": d.bytes} for d in result.decisions]
+    title = "dry run: " if config.dry_run else ""
+    create_table_artifact(rows, key="cleanup-decisions",
+                          description=f"{title}kept and deleted checkpoints of {config.store}")
+    create_markdown_artifact(
+        f"### Cleanup of `{config.store}`{' (dry run)' if config.dry_run else ''}\n\n"
+        f"- deleted: {len(result.deleted)}\n- kept: {len(result.kept)}\n"
+        f"- bytes {'that would be ' if config.dry_run else ''}freed: {result.bytes_freed:,}\n",
+        key="cleanup-summary")
+
+
+@flow(name="cleanup")
+def cleanup(config: CleanupConfig = CleanupConfig()) -> RetentionPlan:
+    """Prune `config.store` by `config.policy`; publishes a table of what was kept and deleted."""
+    result = prune_store(config.store, config.policy, config.lineage, config.dry_run, config.storage_options)
+    _publish(result, config)
+    return result
