@@ -110,15 +110,20 @@ def write_atomic(fs, path: str, data: bytes) -> None:
 def write_exclusive(fs, path: str, data: bytes) -> bool:
     """Create `path` only if absent (O_EXCL on disk, If-None-Match on S3). False if it existed."""
     if is_local(fs):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as handle:
+        # Written aside, then hard-linked into place: a reader never sees the file half-written.
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
         return True
     if fs.exists(path):
         return False

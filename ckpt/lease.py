@@ -8,7 +8,6 @@ matters because Ray Train workers outlive a SIGKILLed driver by seconds.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -104,6 +103,10 @@ class Lease:
         _io.write_atomic(self.store.fs, f"{self._folder}/current.json", self._record().model_dump_json().encode())
 
     def acquire(self) -> int:
+        # Claims are listed before the record is read: a claim made after the listing competes
+        # with ours for the same number, and the highest claim seen is either the one in the
+        # record, released, or still being taken (which counts as held until its holder dies).
+        highest = self._highest_claim()
         current = Lease.current(self.store, self.lineage)
         if current is not None and current.holder_alive() and current.owner != self.owner:
             raise LeaseHeld(
@@ -111,15 +114,28 @@ class Lease:
                 "Wait for that run to finish, stop it, or train another lineage with --lineage; "
                 f"a dead holder's lease is taken over after its ttl ({current.ttl_s:g} s)."
             )
-        fence = max(current.fence if current else 0, self._highest_claim()) + 1
-        claim = json.dumps({"owner": self.owner, "at": utcnow().isoformat()}).encode()
-        if not _io.write_exclusive(self.store.fs, f"{self._folder}/claim-{fence:012d}", claim):
-            raise LeaseHeld(f"another writer claimed lineage {self.lineage!r} at this moment (fence {fence}); try again")
+        if highest > (current.fence if current else 0) and not self._claim_settled(highest):
+            raise LeaseHeld(f"another writer claimed lineage {self.lineage!r} at this moment (fence {highest}); try again")
+        fence = max(current.fence if current else 0, highest) + 1
         self.fence = fence
+        if not _io.write_exclusive(self.store.fs, f"{self._folder}/claim-{fence:012d}",
+                                   self._record().model_dump_json().encode()):
+            self.fence = None
+            raise LeaseHeld(f"another writer claimed lineage {self.lineage!r} at this moment (fence {fence}); try again")
         self._write()
         if current is not None and current.owner != self.owner:
             log.warning("took over the lease of lineage %s from %s", self.lineage, current.describe())
         return fence
+
+    def _claim_settled(self, fence: int) -> bool:
+        """True when claim `fence` (with no record yet) was released, or its claimant is dead."""
+        if self.store.fs.exists(f"{self._folder}/released-{fence:012d}"):
+            return True
+        try:
+            claim = LeaseRecord.model_validate_json(_io.read_bytes(self.store.fs, f"{self._folder}/claim-{fence:012d}"))
+        except ValueError:  # a claim written before claims carried a record: its holder recorded it or left
+            return True
+        return not claim.holder_alive()
 
     def _highest_claim(self) -> int:
         if not self.store.fs.exists(self._folder):
@@ -151,6 +167,8 @@ class Lease:
             return
         current = Lease.current(self.store, self.lineage)
         if current is not None and current.fence == self.fence:
+            # Marked released before the record goes, so the next writer need not wait for a ttl.
+            _io.write_atomic(self.store.fs, f"{self._folder}/released-{self.fence:012d}", b"{}")
             self.store.fs.rm_file(f"{self._folder}/current.json")
         self.fence = None
 

@@ -26,6 +26,7 @@ from .names import checkpoint_id, validate_checkpoint_id, validate_name
 log = logging.getLogger("baton.ckpt")
 
 Mode = Literal["min", "max"]
+DELETING_MARKER = "deleting.marker"
 
 
 def _encode_manifest(manifest: Manifest) -> bytes:
@@ -93,9 +94,13 @@ class CheckpointStore:
         paths = self._manifest_paths(lineage)
         if not paths:
             return [], []
-        blobs = {p: _io.read_bytes(self.fs, p) for p in paths} if self.is_local else self.fs.cat(paths)
+        # A manifest may vanish between the listing and the read (a concurrent delete): it is
+        # then no longer committed, and simply not listed.
+        blobs = self._read_existing(paths)
         manifests, problems = [], []
         for path in paths:
+            if path not in blobs:
+                continue
             try:
                 manifests.append(_decode_manifest(blobs[path], path))
             except ValueError as err:
@@ -103,6 +108,17 @@ class CheckpointStore:
                 log.warning("skipping checkpoint: %s", err)
         manifests.sort(key=lambda m: m.id)
         return manifests, problems
+
+    def _read_existing(self, paths: list[str]) -> dict[str, bytes]:
+        if not self.is_local:
+            return self.fs.cat(paths, on_error="omit")
+        blobs = {}
+        for path in paths:
+            try:
+                blobs[path] = _io.read_bytes(self.fs, path)
+            except FileNotFoundError:
+                pass
+        return blobs
 
     def manifest(self, lineage: str, ckpt_id: str) -> Manifest:
         path = self.path(lineage, validate_checkpoint_id(ckpt_id), MANIFEST_NAME)
@@ -145,18 +161,24 @@ class CheckpointStore:
         return CheckpointRef.from_manifest(manifest, self.uri(manifest.lineage, manifest.id))
 
     def uncommitted(self, lineage: str) -> dict[str, float]:
-        """Checkpoint folders with no manifest: id -> age in seconds of their newest file."""
+        """Checkpoint folders with no manifest: id -> age in seconds of their newest file.
+
+        A folder whose deletion was interrupted counts as infinitely old: nothing is saving it."""
         if not self.fs.exists(self.path(lineage)):
             return {}
         committed = {p.rsplit("/", 2)[-2] for p in self._manifest_paths(lineage)}
         found: dict[str, float] = {}
+        deleting: set[str] = set()
         now = time.time()
         for path, info in self.fs.find(self.path(lineage), detail=True).items():
             rel = path[len(self.path(lineage)) + 1 :].split("/")
             if len(rel) < 2 or rel[0].startswith("_") or rel[0] in committed:
                 continue
-            mtime = _mtime(info)
-            found[rel[0]] = min(found.get(rel[0], float("inf")), now - mtime)
+            if rel[-1] == DELETING_MARKER:
+                deleting.add(rel[0])
+            found[rel[0]] = min(found.get(rel[0], float("inf")), now - _mtime(info))
+        for ckpt_id in deleting:
+            found[ckpt_id] = float("inf")
         return found
 
     # ---- writing ---------------------------------------------------------------------------
@@ -177,6 +199,12 @@ class CheckpointStore:
         """Write `files`, then the manifest. `before_commit` may raise to refuse (fencing)."""
         ckpt_id = checkpoint_id(position.epoch, position.step)
         folder = self.path(lineage, ckpt_id)
+        # Before any file is written: the files of a committed checkpoint are never overwritten.
+        existing = self._existing(lineage, ckpt_id)
+        if existing is not None:
+            if existing.digest == digest:
+                return existing
+            raise CheckpointExists(f"{lineage}/{ckpt_id} is already committed with other weights")
         entries: dict[str, FileEntry] = {}
         for name, data in files.items():
             validate_name(name, "file")
@@ -186,11 +214,6 @@ class CheckpointStore:
             config_hash=config_hash, parent=parent, versions=versions or {}, files=entries,
             digest=digest, fence=fence,
         )
-        existing = self._existing(lineage, ckpt_id)
-        if existing is not None:
-            if existing.digest == digest:
-                return existing
-            raise CheckpointExists(f"{lineage}/{ckpt_id} is already committed with other weights")
         if before_commit is not None:
             before_commit()
         _io.write_atomic(self.fs, f"{folder}/{MANIFEST_NAME}", _encode_manifest(manifest))
@@ -234,7 +257,10 @@ class CheckpointStore:
     def verify_lineage(self, lineage: str) -> list[str]:
         manifests, problems = self._read_manifests(lineage)
         for manifest in manifests:
-            problems += [f"{lineage}/{manifest.id}/{p}" for p in self.verify(manifest)]
+            found = self.verify(manifest)
+            # Files gone with their manifest were deleted (a concurrent cleanup), not corrupted.
+            if found and self.fs.exists(self.path(lineage, manifest.id, MANIFEST_NAME)):
+                problems += [f"{lineage}/{manifest.id}/{p}" for p in found]
         return problems
 
     def latest_verified(self, lineage: str, at_most_epochs: int | None = None) -> Manifest | None:
@@ -272,10 +298,16 @@ class CheckpointStore:
 
     # ---- deleting --------------------------------------------------------------------------
     def delete(self, lineage: str, ckpt_id: str) -> int:
-        """Un-commit (manifest first), then remove the files. Returns bytes freed."""
+        """Un-commit (manifest first), then remove the files. Returns bytes freed.
+
+        A marker goes in first: should the process die between the manifest and the last file,
+        the leftover is known to be a deletion in progress (removable at once), not a save in
+        progress (which must be given its time-to-live).
+        """
         folder = self.path(lineage, validate_checkpoint_id(ckpt_id))
         manifest_path = f"{folder}/{MANIFEST_NAME}"
         if self.fs.exists(manifest_path):
+            _io.write_atomic(self.fs, f"{folder}/{DELETING_MARKER}", b"")
             self.fs.rm_file(manifest_path)
         return self._remove_folder(folder)
 
@@ -284,8 +316,9 @@ class CheckpointStore:
             return 0
         files = self.fs.find(folder, detail=True)
         freed = sum(int(info.get("size") or 0) for info in files.values())
-        if files:
-            self.fs.rm(list(files))
+        # The deletion marker goes last, so that it outlives every file it speaks for.
+        for path in sorted(files, key=lambda p: p.endswith(DELETING_MARKER)):
+            self.fs.rm_file(path)
         if self.is_local and self.fs.exists(folder):
             self.fs.rm(folder, recursive=True)
         return freed

@@ -6,11 +6,13 @@ so that a resumed run continues bit for bit (DESIGN invariant 7).
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,9 +22,10 @@ from torch.utils.data import TensorDataset, default_collate
 
 import ray.train
 import ray.train.torch
-from ckpt import (CheckpointStore, Lease, Manifest, Position, ResumableSampler, TrainingState,
-                  capture_rng, decode, encode, restore_rng)
-from ckpt import _io
+from ckpt import (CheckpointCorrupted, CheckpointStore, Lease, Manifest, Position, ResumableSampler,
+                  TrainingState, capture_rng, decode, encode, restore_rng)
+from ckpt import _io, checkpoint_id
+from ckpt.async_save import AsyncSaver
 
 from .recipes import Recipe, load_recipe
 from .spec import BlockSpec
@@ -46,21 +49,33 @@ class _Run:
     position: Position
     parent: str | None = None
     progress: dict[str, float] = field(default_factory=lambda: {"loss_sum": 0.0, "batches": 0.0})
+    saver: AsyncSaver | None = None  # rank 0 in async mode
+    pending_report: dict[str, float] | None = None  # async: reported once its checkpoint is committed
 
 
 def worker_loop(config: dict[str, Any]) -> None:
+    entered = time.perf_counter()
     spec = BlockSpec.model_validate(config)
     torch.set_num_threads(1)  # a fixed thread count keeps float reductions identical across resumes
-    run = _build(spec)
-    epoch, batch = _start_point(run.position)
-    while epoch < spec.end_epoch:
-        _train_epoch(run, epoch, batch)
-        epoch, batch = epoch + 1, 0
-
-
-def _build(spec: BlockSpec) -> _Run:
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    run = _build(spec, context.get_world_rank(), context.get_world_size())
+    epoch, batch = _start_point(run.position)
+    if run.rank == 0:  # the block-boundary cost that is Baton's own (Ray's worker start comes before)
+        log.info("block %d ready to train in %.2f s", spec.index, time.perf_counter() - entered)
+    try:
+        while epoch < spec.end_epoch:
+            _train_epoch(run, epoch, batch)
+            epoch, batch = epoch + 1, 0
+    except BaseException:
+        _abandon(run)
+        raise
+    finishing = time.perf_counter()
+    _finish(run)
+    if run.saver is not None:
+        log.info("block %d: waited %.2f s for the last background save", spec.index, time.perf_counter() - finishing)
+
+
+def _build(spec: BlockSpec, rank: int, world: int) -> _Run:
     recipe = load_recipe(spec.recipe)
     data = recipe.build_data(spec.params)
     torch.manual_seed(spec.params.seed)
@@ -71,9 +86,11 @@ def _build(spec: BlockSpec) -> _Run:
     run = _Run(spec, recipe, rank, world, store, model, model, optimizer, scheduler, data,
                ResumableSampler(len(data.train), spec.params.batch_size, rank, world, spec.params.seed),
                Position(epoch=0, batch_in_epoch=0, epoch_complete=False, step=0))
-    resume = store.latest_verified(spec.lineage)
+    if spec.checkpoint_mode == "async" and rank == 0:
+        run.saver = AsyncSaver(name=f"baton-save-{spec.lineage}")
+    resume, files = _load_latest(store, spec.lineage)
     if resume is not None:
-        restored = _restore(run, resume)
+        restored = _restore(run, resume, files)
     elif spec.init_from:
         restored = _warm_start(run)
     else:
@@ -126,8 +143,18 @@ def _seed_rank(seed: int, rank: int, step: int) -> None:
     torch.manual_seed(value)
 
 
-def _restore(run: _Run, manifest: Manifest) -> TrainingState:
-    files = {name: run.store.read(manifest, name) for name in manifest.files}
+def _load_latest(store: CheckpointStore, lineage: str) -> tuple[Manifest | None, dict[str, bytes]]:
+    """The newest committed checkpoint whose files verify, and those files: each read once, since
+    verifying already reads them all (a resume used to read and hash the state twice)."""
+    for manifest in reversed(store.list(lineage)):
+        try:
+            return manifest, {name: store.read(manifest, name) for name in manifest.files}
+        except CheckpointCorrupted as err:
+            log.warning("skipping corrupted checkpoint %s/%s: %s", lineage, manifest.id, err)
+    return None, {}
+
+
+def _restore(run: _Run, manifest: Manifest, files: dict[str, bytes]) -> TrainingState:
     state = decode(files)
     run.model.load_state_dict(state.model)
     if state.optimizer is not None:
@@ -210,6 +237,7 @@ def _metrics(run: _Run) -> dict[str, float]:
 
 
 def _checkpoint(run: _Run, report: bool) -> None:
+    # Collectives first, in the same order on every rank; the background save does none.
     metrics = _metrics(run)
     rngs: list[Any] = [None] * run.world
     if run.world > 1:
@@ -219,10 +247,29 @@ def _checkpoint(run: _Run, report: bool) -> None:
     error: list[BaseException] = []
     if run.rank == 0:
         try:
-            manifest = _commit(run, rngs, metrics)
-            run.parent = manifest.id
+            if run.saver is None:
+                run.parent = _commit(run, rngs, metrics).id
+            else:
+                _commit_async(run, rngs, metrics)
         except BaseException as err:  # every rank must learn of it, or the others hang in the next collective
             error.append(err)
+    _agree_on_failure(run, error)
+    line = {**metrics, "epoch": run.position.epoch, "step": run.position.step} if report else None
+    if run.spec.checkpoint_mode == "async":
+        # Only now is the previous save known to be committed: report it, and hold this one back.
+        _report(run.pending_report)
+        run.pending_report = line
+    else:
+        _report(line)
+
+
+def _report(line: dict[str, float] | None) -> None:
+    if line is not None:
+        ray.train.report(line)
+
+
+def _agree_on_failure(run: _Run, error: list[BaseException]) -> None:
+    """Rank 0 tells every rank whether its save failed; all ranks must call this."""
     failed = torch.tensor([1 if error else 0])
     if run.world > 1:
         dist.broadcast(failed, src=0)
@@ -230,18 +277,59 @@ def _checkpoint(run: _Run, report: bool) -> None:
         raise error[0]
     if failed.item():
         raise RuntimeError("rank 0 failed to commit the checkpoint; see its log")
-    if report:
-        ray.train.report({**metrics, "epoch": run.position.epoch, "step": run.position.step})
+
+
+def _finish(run: _Run) -> None:
+    """End of the block in async mode: the last save must be committed (and reported) before
+    the worker returns, or the block would end without its final checkpoint."""
+    if run.spec.checkpoint_mode != "async":
+        return
+    error: list[BaseException] = []
+    if run.saver is not None:
+        try:
+            run.saver.close()
+        except BaseException as err:
+            error.append(err)
+    _agree_on_failure(run, error)
+    _report(run.pending_report)
+    run.pending_report = None
+
+
+def _abandon(run: _Run) -> None:
+    """Training failed: let a save in flight finish (its snapshot is consistent), without collectives."""
+    if run.saver is not None and run.saver.in_flight:
+        try:
+            run.saver.close()
+        except Exception as err:
+            log.error("the background save in flight when training failed did not commit: %s", err)
+
+
+def _training_state(run: _Run, rngs: list[Any]) -> TrainingState:
+    extra = run.recipe.extra_state(run.model) if run.recipe.extra_state else {}
+    return TrainingState(model=run.model.state_dict(), position=run.position,
+                         optimizer=run.optimizer.state_dict(),
+                         scheduler=run.scheduler.state_dict() if run.scheduler is not None else None,
+                         rng=rngs, progress=dict(run.progress), extra=extra)
 
 
 def _commit(run: _Run, rngs: list[Any], metrics: dict[str, float]) -> Manifest:
-    extra = run.recipe.extra_state(run.model) if run.recipe.extra_state else {}
-    state = TrainingState(model=run.model.state_dict(), position=run.position,
-                          optimizer=run.optimizer.state_dict(),
-                          scheduler=run.scheduler.state_dict() if run.scheduler is not None else None,
-                          rng=rngs, progress=dict(run.progress), extra=extra)
+    return _write(run, _training_state(run, rngs), metrics, run.parent)
+
+
+def _commit_async(run: _Run, rngs: list[Any], metrics: dict[str, float]) -> None:
+    """Snapshot now (the only part training waits for), write and commit in the background."""
+    state, parent = _training_state(run, rngs), run.parent
+    ckpt_id = checkpoint_id(state.position.epoch, state.position.step)
+    run.saver.save(state, lambda snapshot: _write(run, snapshot, metrics, parent), label=ckpt_id)
+    log.debug("checkpoint %s: training stalled %.3f s (%.3f s waiting for the previous save)",
+              ckpt_id, run.saver.last_stall_s, run.saver.last_wait_s)
+    # The id is fixed by the position, so the next checkpoint can name its parent already.
+    run.parent = ckpt_id
+
+
+def _write(run: _Run, state: TrainingState, metrics: dict[str, float], parent: str | None) -> Manifest:
     files, digest = encode(state)
-    spec, position = run.spec, run.position
+    spec, position = run.spec, state.position
 
     def before_commit() -> None:
         # Files are written, the manifest is not: the moment a crash must never expose.
@@ -250,10 +338,11 @@ def _commit(run: _Run, rngs: list[Any], metrics: dict[str, float]) -> Manifest:
             Lease.check(run.store, spec.lineage, spec.fence)
 
     return run.store.commit(spec.lineage, position, files, digest=digest, metrics=metrics,
-                            config_hash=spec.config_hash, parent=run.parent, versions=_versions(),
+                            config_hash=spec.config_hash, parent=parent, versions=dict(_versions()),
                             fence=spec.fence, before_commit=before_commit)
 
 
+@functools.lru_cache(maxsize=1)
 def _versions() -> dict[str, str]:
     out = {}
     for package in ("torch", "ray", "safetensors", "baton"):

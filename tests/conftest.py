@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -76,31 +77,56 @@ def prefect_server(base_env: dict[str, str], session_dir: Path):
         _wait_http(f"{url}/health", 90, proc, log)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop_group(proc)
 
 
 @pytest.fixture(scope="session")
 def ray_cluster(base_env: dict[str, str], prefect_server: str, session_dir: Path):
-    """A real single-node Ray cluster started with `ray start`, with token authentication on."""
+    """A real single-node Ray cluster started with `ray start`, with token authentication on.
+
+    `ray start --block` in its own process group, so that teardown stops this cluster only
+    (`ray stop` would stop every Ray cluster on the machine)."""
     env = dict(base_env, PREFECT_API_URL=prefect_server)
     port = free_port()
-    cmd = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=4",
-           "--include-dashboard=false", "--disable-usage-stats",
-           f"--temp-dir={tempfile.mkdtemp(prefix='rt', dir='/tmp')}"]  # unix socket paths: < 108 bytes
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # unix socket paths must stay < 108 bytes
+    cmd = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=4", "--block",
+           "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
     # Ray 2.60 has token authentication on: the token lives in $HOME/.ray/auth_token (isolated).
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, capture_output=True,
                    check=True, timeout=60)
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    if out.returncode != 0:
-        raise RuntimeError(f"ray start failed:\n{out.stdout}\n{out.stderr}")
+    log = session_dir / "ray-start.log"
+    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        _wait_ray(f"127.0.0.1:{port}", env, proc, log)
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_group(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_ray(address: str, env: dict[str, str], proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        status = subprocess.run([str(BIN / "ray"), "status", f"--address={address}"], env=env,
+                                capture_output=True, text=True, timeout=60)
+        if status.returncode == 0 and "CPU" in status.stdout:
+            return
+        time.sleep(1)
+    raise RuntimeError(f"Ray at {address} did not come up within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 @pytest.fixture(scope="session")

@@ -11,14 +11,22 @@ fork keeps each trial cheap: the interpreter, torch and the encoded files are re
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import sys
+import time
 
 import torch
 
 from ckpt import CheckpointStore, Position, TrainingState, encode
 from ckpt.state import META_FILE
+
+
+def say(line: str) -> None:
+    """One line in one write: parent and child share the pipe, and print() may split a line."""
+    os.write(sys.stdout.fileno(), f"{line}\n".encode())
 
 
 def encoded_state() -> tuple[dict[str, bytes], str]:
@@ -32,11 +40,19 @@ def encoded_state() -> tuple[dict[str, bytes], str]:
 
 
 def commit_forever(url: str, lineage: str, files: dict[str, bytes], digest: str) -> None:
+    """Commit until killed (or, should nobody kill it, for at most a minute)."""
+    try:  # die with the parent, whatever kills it
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (AttributeError, OSError):
+        pass
+    deadline = time.monotonic() + 60
     store = CheckpointStore(url)
-    store.list(lineage)  # connected and warm: the kill window starts with the first write
-    print(f"writing {os.getpid()}", flush=True)
+    store.fs.exists(store.path(lineage))  # connected: the kill window starts with the first write
+    say(f"writing {os.getpid()}")
     meta = json.loads(files[META_FILE])
     for epoch in range(1, 100_000):
+        if time.monotonic() > deadline:
+            return
         position = Position(epoch=epoch, batch_in_epoch=0, epoch_complete=True, step=epoch * 10)
         meta["position"] = position.model_dump()
         store.commit(lineage, position, dict(files, **{META_FILE: json.dumps(meta, sort_keys=True).encode()}),
@@ -46,7 +62,7 @@ def commit_forever(url: str, lineage: str, files: dict[str, bytes], digest: str)
 def main() -> None:
     url = sys.argv[1]
     files, digest = encoded_state()
-    print("ready", flush=True)
+    say("ready")
     for line in sys.stdin:
         lineage = line.strip()
         pid = os.fork()
@@ -58,10 +74,9 @@ def main() -> None:
                 print(f"writer child failed: {err!r}", file=sys.stderr, flush=True)
                 code = 1
             os._exit(code)
-        print(f"started {pid}", flush=True)
+        say(f"started {pid}")
         _, status = os.waitpid(pid, 0)
-        print(f"killed {pid} {os.WTERMSIG(status) if os.WIFSIGNALED(status) else -os.WEXITSTATUS(status)}",
-              flush=True)
+        say(f"killed {pid} {os.WTERMSIG(status) if os.WIFSIGNALED(status) else -os.WEXITSTATUS(status)}")
 
 
 if __name__ == "__main__":

@@ -447,13 +447,15 @@ def test_names_that_are_safe_are_accepted(store):
 # ---- freshness -------------------------------------------------------------------------------
 def test_a_second_store_instance_sees_commits_deletes_and_pins_at_once(store_url):
     writer, reader = CheckpointStore(store_url), CheckpointStore(store_url)
-    # The reader looks first, as a resumed run or a cleanup would, so a cached listing would be stale.
-    assert reader.lineages() == [] and reader.list("run") == [] and reader.aliases("run") == {}
     first = commit(writer, "run", 0, 10)
-    assert reader.lineages() == ["run"]
-    assert ids(reader.list("run")) == [first.id]
+    # The reader has looked, as a resumed run or a cleanup would: a cached listing would now be stale.
+    assert reader.lineages() == ["run"] and ids(reader.list("run")) == [first.id]
+    assert reader.aliases("run") == {} and reader.uncommitted("run") == {}
+
+    commit(writer, "other", 0, 1)
+    assert reader.lineages() == ["other", "run"]
     second = commit(writer, "run", 1, 20)
-    assert reader.latest("run").id == second.id
+    assert ids(reader.list("run")) == [first.id, second.id] and reader.latest("run").id == second.id
     writer.pin("run", first.id, "production")
     assert reader.aliases("run") == {"production": first.id}
     writer.delete("run", second.id)
@@ -471,26 +473,40 @@ class Writer:
     """tests/unit/_writer.py: a separate process that forks one committing child per trial."""
 
     def __init__(self, url: str):
-        self.proc = subprocess.Popen([sys.executable, str(WRITER), url], cwd=ROOT, env=dict(os.environ),
+        self.child: int | None = None
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        self.proc = subprocess.Popen([sys.executable, str(WRITER), url], cwd=ROOT, env=env,  # this checkout's ckpt
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self.expect("ready")
 
-    def expect(self, word: str) -> list[str]:
-        line = self.proc.stdout.readline().split()
-        assert line and line[0] == word, f"writer said {line!r}, expected {word!r}"
-        return line[1:]
+    def expect(self, *words: str) -> dict[str, list[str]]:
+        """The next len(words) lines, in any order (parent and child share the pipe)."""
+        said = {}
+        for _ in words:
+            line = self.proc.stdout.readline().split()
+            assert line and line[0] in words and line[0] not in said, f"writer said {line!r}, expected {words!r}"
+            said[line[0]] = line[1:]
+        return said
 
     def start(self, lineage: str) -> int:
         self.proc.stdin.write(f"{lineage}\n")
-        pid = int(self.expect("started")[0])
-        assert int(self.expect("writing")[0]) == pid
-        return pid
+        said = self.expect("started", "writing")  # forked, then connected and about to write
+        self.child = int(said["started"][0])
+        assert int(said["writing"][0]) == self.child
+        return self.child
 
     def kill(self, pid: int) -> int:
         os.kill(pid, signal.SIGKILL)
-        return int(self.expect("killed")[1])  # the parent reaped it: it writes nothing more
+        signum = int(self.expect("killed")["killed"][1])  # the parent reaped it: it writes nothing more
+        self.child = None
+        return signum
 
     def close(self) -> None:
+        if self.child is not None:  # a trial failed half-way: stop its writer first
+            try:
+                os.kill(self.child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proc.stdin.close()
         try:
             self.proc.wait(10)

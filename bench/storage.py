@@ -1,0 +1,121 @@
+"""save_vs_disk, load_vs_disk and async_stall_vs_sync: Baton's checkpoint I/O against the disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+
+from ckpt import CheckpointStore, Position, decode, encode, model_digest
+from ckpt.async_save import AsyncSaver
+
+from ._common import MiB, Result, drop_caches, fsync_write, gb_s, make_state, median, raw_read, timed
+
+
+def _save(store: CheckpointStore, lineage: str, state) -> object:
+    files, digest = encode(state)
+    return store.commit(lineage, state.position, files, digest=digest, metrics={"loss": 0.0})
+
+
+def save_and_load(nbytes: int, reps: int, where: str | None = None) -> list[Result]:
+    """Alternate raw write / Baton save (and raw read / Baton load) on the same disk, seconds apart."""
+    root = tempfile.mkdtemp(prefix="baton-bench-io-", dir=where)
+    try:
+        store = CheckpointStore(os.path.join(root, "store"))
+        state = make_state(nbytes)
+        files, _ = encode(state)
+        views = [memoryview(b) for b in files.values()]
+        total = sum(len(v) for v in views)
+        raw_w, save_w, raw_r, load_r, cold = [], [], [], [], True
+        for rep in range(reps):
+            state.position = Position(epoch=rep, batch_in_epoch=1, epoch_complete=False, step=1)
+            raw_path = os.path.join(root, "raw.bin")
+            raw_w.append(timed(fsync_write, raw_path, views)[0])
+            seconds, manifest = timed(_save, store, "bench", state)
+            save_w.append(seconds)
+            paths = [store.path("bench", manifest.id, n) for n in manifest.files]
+            cold &= drop_caches()
+            raw_r.append(timed(raw_read, [raw_path])[0])
+            cold &= drop_caches()
+            load_r.append(timed(lambda: decode({n: store.read(manifest, n) for n in manifest.files}))[0])
+            os.unlink(raw_path)
+            store.delete("bench", manifest.id)
+        cache = "cold cache" if cold else "warm cache (could not drop caches)"
+        save = Result("save_vs_disk", median(raw_w) / median(save_w), ">= 0.90", median(raw_w) / median(save_w) >= 0.9,
+                      detail={"state_MiB": total // MiB, "raw_write_GBps": round(gb_s(total, median(raw_w)), 2),
+                              "save_GBps": round(gb_s(total, median(save_w)), 2), "reps": reps},
+                      note="encode+commit (safetensors, sha256, fsync, manifest) vs os.write+fsync")
+        load = Result("load_vs_disk", median(raw_r) / median(load_r), ">= 0.90", median(raw_r) / median(load_r) >= 0.9,
+                      detail={"state_MiB": total // MiB, "raw_read_GBps": round(gb_s(total, median(raw_r)), 2),
+                              "load_GBps": round(gb_s(total, median(load_r)), 2), "cache": cache},
+                      note=f"read+verify+decode vs read(), {cache}")
+        return [save, load]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+class _Trainer:
+    """A stand-in training loop: small matmul steps (one thread, like Baton's workers) that also
+    touch the big state, so a snapshot that did not copy would be caught changing."""
+
+    def __init__(self, state):
+        self.state = state
+        torch.manual_seed(0)
+        self.w = torch.randn(256, 256, requires_grad=True)
+        self.x = torch.randn(64, 256)
+
+    def steps(self, n: int) -> float:
+        started = time.perf_counter()
+        for _ in range(n):
+            loss = (self.x @ self.w).tanh().pow(2).mean()
+            loss.backward()
+            with torch.no_grad():
+                self.w -= 0.001 * self.w.grad
+                self.w.grad = None
+        first = next(iter(self.state.model.values()))
+        first[:1024].add_(1.0)
+        return time.perf_counter() - started
+
+
+def async_stall(nbytes: int, saves: int, where: str | None = None) -> Result:
+    """Stall of the training thread per checkpoint: async (wait + snapshot) vs a sync save."""
+    root = tempfile.mkdtemp(prefix="baton-bench-async-", dir=where)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        store = CheckpointStore(os.path.join(root, "store"))
+        state = make_state(nbytes)
+        trainer = _Trainer(state)
+        per_step = median([trainer.steps(20) / 20 for _ in range(5)])
+        sync_s = []
+        for i in range(saves):
+            state.position = Position(epoch=0, batch_in_epoch=i, epoch_complete=False, step=i + 1)
+            sync_s.append(timed(_save, store, "sync", state)[0])
+        # Enough steps between checkpoints for the background save to finish, as with real intervals.
+        steps = max(20, int(3 * median(sync_s) / per_step))
+        stalls, busy, idle, expected = [], [], [], []
+        with AsyncSaver() as saver:
+            for i in range(saves + 1):
+                state.position = Position(epoch=0, batch_in_epoch=i, epoch_complete=False, step=i + 1)
+                saver.save(state, lambda s: _save(store, "async", s), label=str(i))
+                stalls.append(saver.last_stall_s)
+                expected.append(model_digest(state.model))  # not timed: the check that the snapshot is a copy
+                busy.append(trainer.steps(20))  # training while the save runs in the background
+                saver.wait()
+                idle.append(trainer.steps(20))  # and with no save in flight
+        # Training changed the state right after each snapshot; the commits must not show it.
+        committed = [m.digest for m in store.list("async")]
+        steady = stalls[1:]  # the first save also allocates the staging buffers
+        ratio = median(steady) / median(sync_s)
+        return Result("async_stall_vs_sync", ratio, "<= 0.10", ratio <= 0.10, detail={
+            "state_MiB": nbytes // MiB, "sync_save_s": round(median(sync_s), 3),
+            "async_stall_s": round(median(steady), 4), "first_async_stall_s": round(stalls[0], 3),
+            "train_slowdown_during_save": round(median(busy) / median(idle), 2),
+            "digests_as_snapshotted": committed == expected},
+            note="stall = wait for previous save + snapshot into reused host buffers")
+    finally:
+        torch.set_num_threads(threads)
+        shutil.rmtree(root, ignore_errors=True)
