@@ -31,6 +31,10 @@ class ResumableSampler(torch.utils.data.Sampler[list[int]]):
         self.epoch, self.start_batch = 0, 0
 
     def set_position(self, epoch: int, start_batch: int = 0) -> None:
+        if epoch < 0 or not 0 <= start_batch <= self.batches_per_epoch():
+            raise ValueError(f"position (epoch {epoch}, batch {start_batch}) is outside an epoch of "
+                             f"{self.batches_per_epoch()} batches; was the checkpoint written with another "
+                             "data set size, batch size or world size?")
         self.epoch, self.start_batch = epoch, start_batch
 
     def shard(self, epoch: int) -> list[int]:

@@ -82,7 +82,8 @@ def encode(state: TrainingState) -> tuple[dict[str, bytes], str]:
     model = _owned(state.model)
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {"format": FORMAT_VERSION, "position": state.position.model_dump(),
-                            "progress": state.progress, "scheduler": state.scheduler}
+                            "progress": _jsonable(state.progress),
+                            "scheduler": _split(state.scheduler, "scheduler", tensors)}
     if state.optimizer is not None:
         meta["optimizer"] = _split(state.optimizer, "optimizer", tensors)
     meta["extra"] = _split(state.extra, "extra", tensors)
@@ -116,7 +117,7 @@ def decode(files: dict[str, bytes]) -> TrainingState:
         model=load_tensors(files[MODEL_FILE]),
         position=Position.model_validate(meta["position"]),
         optimizer=optimizer,
-        scheduler=meta.get("scheduler"),
+        scheduler=_join(meta.get("scheduler"), tensors),
         rng=rng,
         progress=meta.get("progress", {}),
         extra=_join(meta.get("extra", {}), tensors),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Literal
@@ -19,7 +20,7 @@ from typing import Any, Callable, Literal
 from pydantic import ValidationError
 
 from . import _io
-from .errors import CheckpointCorrupted, CheckpointExists, CheckpointNotFound
+from .errors import CheckpointCorrupted, CheckpointError, CheckpointExists, CheckpointNotFound
 from .manifest import MANIFEST_NAME, CheckpointRef, FileEntry, Manifest, Position
 from .names import checkpoint_id, validate_checkpoint_id, validate_name
 
@@ -149,10 +150,15 @@ class CheckpointStore:
             found = self.latest(lineage)
         elif selector == "best":
             found = self.best(lineage, metric, mode)
-        elif selector in self.aliases(lineage):
-            found = self.manifest(lineage, self.aliases(lineage)[selector])
-        else:
+        elif selector in (aliases := self.aliases(lineage)):
+            found = self.manifest(lineage, aliases[selector])
+        elif _looks_like_id(selector):
             found = self.manifest(lineage, selector)
+        else:
+            validate_name(selector, "alias")  # a path, not a name: InvalidName
+            known = ", ".join(sorted(aliases)) or "none"
+            raise CheckpointNotFound(f"lineage {lineage!r} has no alias {selector!r} (aliases: {known}); "
+                                     "use an id, latest, best or an alias")
         if found is None:
             raise CheckpointNotFound(f"lineage {lineage!r} has no committed checkpoint ({selector}) in {self.url}")
         return found
@@ -307,21 +313,44 @@ class CheckpointStore:
         folder = self.path(lineage, validate_checkpoint_id(ckpt_id))
         manifest_path = f"{folder}/{MANIFEST_NAME}"
         if self.fs.exists(manifest_path):
-            _io.write_atomic(self.fs, f"{folder}/{DELETING_MARKER}", b"")
+            # No fsync: should the marker be lost in a power cut, the leftover merely waits out
+            # the uncommitted ttl like any other.
+            self.fs.pipe_file(f"{folder}/{DELETING_MARKER}", b"")
             self.fs.rm_file(manifest_path)
         return self._remove_folder(folder)
 
     def _remove_folder(self, folder: str) -> int:
         if not self.fs.exists(folder):
             return 0
+        if self.is_local:
+            return _remove_local_folder(folder)
         files = self.fs.find(folder, detail=True)
         freed = sum(int(info.get("size") or 0) for info in files.values())
         # The deletion marker goes last, so that it outlives every file it speaks for.
         for path in sorted(files, key=lambda p: p.endswith(DELETING_MARKER)):
             self.fs.rm_file(path)
-        if self.is_local and self.fs.exists(folder):
-            self.fs.rm(folder, recursive=True)
         return freed
+
+
+def _looks_like_id(value: str) -> bool:
+    try:
+        validate_checkpoint_id(value)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _remove_local_folder(folder: str) -> int:
+    freed = 0
+    entries = sorted(os.scandir(folder), key=lambda e: e.name == DELETING_MARKER)  # the marker last
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            freed += _remove_local_folder(entry.path)
+        else:
+            freed += entry.stat(follow_symlinks=False).st_size
+            os.unlink(entry.path)
+    os.rmdir(folder)
+    return freed
 
 
 def _check(name: str, entry: FileEntry, data: bytes) -> str | None:

@@ -368,26 +368,37 @@ def test_delete_uncommits_then_removes_the_files_and_returns_the_bytes_freed(sto
     assert store.delete("run", gone.id) == 0
 
 
-def test_delete_removes_the_manifest_before_any_other_file(tmp_path):
+def test_delete_removes_the_manifest_before_any_other_file_and_its_marker_last():
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from ckpt.store import DELETING_MARKER
+
     removed: list[str] = []
 
-    class RecordingFileSystem(LocalFileSystem):
-        """The real local filesystem, remembering what it removed and in which order."""
+    class RecordingFileSystem(MemoryFileSystem):
+        """The real in-memory filesystem, remembering what it removed and in which order."""
 
         def rm_file(self, path):
             removed.append(path.rsplit("/", 1)[-1])
             super().rm_file(path)
 
-        def rm(self, path, recursive=False, maxdepth=None):
-            for p in [path] if isinstance(path, str) else path:
-                removed.append(p.rsplit("/", 1)[-1])
-            super().rm(path, recursive=recursive, maxdepth=maxdepth)
+    store = CheckpointStore(f"memory://order-{uuid.uuid4().hex}")
+    gone = commit(store, "run", 0, 10)
+    store.fs = RecordingFileSystem(skip_instance_cache=True)
+    store.delete("run", gone.id)
+    assert removed[0] == MANIFEST_NAME and removed[-1] == DELETING_MARKER
+    assert set(gone.files) == set(removed[1:-1])
+
+
+def test_an_interrupted_delete_is_a_leftover_removable_at_once(tmp_path):
+    from ckpt.store import DELETING_MARKER
 
     store = CheckpointStore(str(tmp_path / "store"))
     gone = commit(store, "run", 0, 10)
-    store.fs = RecordingFileSystem(auto_mkdir=True, skip_instance_cache=True)
-    store.delete("run", gone.id)
-    assert removed[0] == MANIFEST_NAME and set(gone.files) <= set(removed[1:])
+    folder = Path(store.path("run", gone.id))
+    (folder / DELETING_MARKER).write_bytes(b"")  # where a killed delete stops: marker, no manifest
+    (folder / MANIFEST_NAME).unlink()
+    assert store.uncommitted("run") == {gone.id: float("inf")}
 
 
 def test_delete_also_removes_an_uncommitted_leftover(store):
@@ -430,9 +441,15 @@ def test_an_unsafe_alias_name_is_rejected(store, subtests):
 
 def test_a_selector_that_is_neither_an_alias_nor_an_id_is_rejected(store, subtests):
     commit(store, "run", 0, 1)
-    for selector in ["../run/000000-0000000001", "000000-0000000001/..", "not-an-id", "", "0-1"]:
+    for selector in ["../run/000000-0000000001", "000000-0000000001/..", ""]:
         with subtests.test(selector=selector):
-            with pytest.raises(InvalidName, match="checkpoint id"):
+            with pytest.raises(InvalidName, match="alias"):
+                store.resolve("run", selector)
+            with pytest.raises(InvalidName):
+                store.delete("run", selector)
+    for selector in ["not-an-id", "0-1"]:  # could be aliases: not found, naming the known ones
+        with subtests.test(selector=selector):
+            with pytest.raises(CheckpointNotFound, match="has no alias"):
                 store.resolve("run", selector)
             with pytest.raises(InvalidName):
                 store.delete("run", selector)
