@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import threading
 import uuid
 from typing import Any
@@ -135,6 +136,36 @@ def write_exclusive(fs, path: str, data: bytes) -> bool:
             return False
         raise
     return True
+
+
+def read_hashed(fs, path: str) -> tuple[bytes, str]:
+    """Read a file and its sha256; on disk the hash of each chunk overlaps the read of the next."""
+    if not is_local(fs):
+        data = fs.cat_file(path)
+        return data, sha256_hex(data)
+    digest, chunks = hashlib.sha256(), queue.Queue()
+
+    def consume() -> None:
+        while (chunk := chunks.get()) is not None:
+            digest.update(chunk)
+
+    hasher = threading.Thread(target=consume, daemon=True)
+    with open(path, "rb", buffering=0) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        buffer = bytearray(size)
+        view, done = memoryview(buffer), 0
+        hasher.start()
+        try:
+            while done < size:
+                count = handle.readinto(view[done:done + _HASH_CHUNK])
+                if not count:
+                    break
+                chunks.put(view[done:done + count])
+                done += count
+        finally:
+            chunks.put(None)
+            hasher.join()
+    return bytes(view[:done]), digest.hexdigest()
 
 
 def read_bytes(fs, path: str) -> bytes:

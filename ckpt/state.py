@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,12 +94,15 @@ def encode(state: TrainingState) -> tuple[dict[str, bytes], str]:
         for device, cuda_state in enumerate(rng.cuda):
             tensors[f"rng/{rank}/cuda/{device}"] = cuda_state
         meta["rng"].append({"python": rng.python, "numpy": rng.numpy, "cuda_devices": len(rng.cuda)})
-    files = {
-        MODEL_FILE: save_tensors(model),
-        TENSORS_FILE: save_tensors(_owned(tensors)),
-        META_FILE: json.dumps(meta, sort_keys=True).encode(),
-    }
-    return files, model_digest(model)
+    # The digest (a sha256 pass over the weights) runs beside serialisation: both release the GIL.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        digest = pool.submit(model_digest, model)
+        files = {
+            MODEL_FILE: save_tensors(model),
+            TENSORS_FILE: save_tensors(_owned(tensors)),
+            META_FILE: json.dumps(meta, sort_keys=True).encode(),
+        }
+        return files, digest.result()
 
 
 def decode(files: dict[str, bytes]) -> TrainingState:

@@ -237,11 +237,11 @@ class CheckpointStore:
             raise CheckpointNotFound(f"{manifest.lineage}/{manifest.id} has no file {name!r}")
         path = self.path(manifest.lineage, manifest.id, name)
         try:
-            data = _io.read_bytes(self.fs, path)
+            data, sha256 = _io.read_hashed(self.fs, path) if verify else (_io.read_bytes(self.fs, path), None)
         except FileNotFoundError as err:
             raise CheckpointCorrupted(manifest.lineage, manifest.id, [f"{name}: missing"]) from err
         if verify:
-            problem = _check(name, entry, data)
+            problem = _check(name, entry, data, sha256)
             if problem:
                 raise CheckpointCorrupted(manifest.lineage, manifest.id, [problem])
         return data
@@ -251,11 +251,11 @@ class CheckpointStore:
         problems = []
         for name, entry in manifest.files.items():
             try:
-                data = _io.read_bytes(self.fs, self.path(manifest.lineage, manifest.id, name))
+                data, sha256 = _io.read_hashed(self.fs, self.path(manifest.lineage, manifest.id, name))
             except FileNotFoundError:
                 problems.append(f"{name}: missing (expected {entry.size} bytes)")
                 continue
-            problem = _check(name, entry, data)
+            problem = _check(name, entry, data, sha256)
             if problem:
                 problems.append(problem)
         return problems
@@ -353,10 +353,9 @@ def _remove_local_folder(folder: str) -> int:
     return freed
 
 
-def _check(name: str, entry: FileEntry, data: bytes) -> str | None:
+def _check(name: str, entry: FileEntry, data: bytes, actual: str) -> str | None:
     if len(data) != entry.size:
         return f"{name}: size {len(data)} bytes, expected {entry.size}"
-    actual = _io.sha256_hex(data)
     if actual != entry.sha256:
         return f"{name}: sha256 {actual[:12]}..., expected {entry.sha256[:12]}..."
     return None
