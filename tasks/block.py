@@ -64,6 +64,20 @@ class _CommitWatcher:
         self._poll()
 
 
+def _warn_if_store_not_shared(store: CheckpointStore, logger) -> None:
+    """A local folder is only seen by the workers of other machines on a shared file system."""
+    if not store.is_local:
+        return
+    import ray
+
+    hosts = sorted({node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")})
+    if len(hosts) > 1:
+        logger.warning("the store %s is a local folder but the Ray cluster spans %d machines (%s): workers on "
+                       "other machines write to their own disks unless this is a shared file system (NFS...). "
+                       "Use an S3 store (--store s3://bucket/prefix) for a cluster.", store.url, len(hosts),
+                       ", ".join(hosts))
+
+
 def run_block(spec: BlockSpec, logger) -> tuple[CheckpointRef, bool]:
     """Train the block unless the store already has it. Returns (latest ref, trained?)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -78,6 +92,7 @@ def run_block(spec: BlockSpec, logger) -> tuple[CheckpointRef, bool]:
         logger.info("block %d: %s already has %d epochs (checkpoint %s): nothing to train",
                     spec.index, spec.lineage, latest.epochs_done, latest.id)
         return store.ref(latest), False
+    _warn_if_store_not_shared(store, logger)
     start = f"checkpoint {latest.id}" if latest else "scratch"
     logger.info("block %d: training %s epochs %d-%d on %d workers from %s", spec.index, spec.lineage,
                 spec.start_epoch, spec.end_epoch - 1, spec.workers, start)
