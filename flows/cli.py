@@ -177,13 +177,25 @@ def cleanup(
 
 @app.command()
 def serve(
-    store: str = typer.Option("./checkpoints", help="Store of the nightly deployments."),
-    cron: str = typer.Option("0 2 * * *", help="Schedule of nightly retraining and cleanup (cron)."),
+    store: Optional[str] = typer.Option(None, help="Store of the deployments' default configs (default: ./checkpoints)."),
+    cron: str = typer.Option("0 2 * * *", help="Schedule of nightly retraining and cleanup (cron, UTC)."),
+    interval: Optional[float] = typer.Option(None, help="Retrain every N seconds instead of by --cron "
+                                             "(drills and tests); lineage names then carry the time too."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file: the default training config "
+                                               "of train/on-demand and train/nightly-retrain."),
+    limit: Optional[int] = typer.Option(None, help="At most N flow runs at once (default: no limit)."),
 ) -> None:
     """Serve every deployment (train/on-demand, train/nightly-retrain, cleanup/nightly) from one process."""
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url:
+        err_console.print("[red]baton serve needs a Prefect server: start one (prefect server start) and set "
+                          "PREFECT_API_URL (for example http://127.0.0.1:4200/api), or prefect config set it.[/red]")
+        raise typer.Exit(2)
+    config = build_config(config_file, {"store": store}) if config_file else None
     from deployments.serve import serve_all  # deployments build on flows, so imported only here
 
-    serve_all(store=store, cron=cron)
+    serve_all(store=store or "./checkpoints", cron=cron, interval_s=interval, config=config, limit=limit)
 
 
 def main() -> None:

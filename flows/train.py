@@ -15,6 +15,7 @@ from ckpt import CheckpointRef, CheckpointStore, Lease
 from tasks import train_block
 from tasks.block import RAY_TRAIN_ENV
 
+from .artifacts import TrainProgress, publish_run
 from .config import TrainConfig
 
 
@@ -57,15 +58,20 @@ def train(config: TrainConfig = TrainConfig()) -> TrainSummary:
     store = CheckpointStore(config.blocks()[0].store, config.storage_options)
     before = store.latest_verified(lineage)
     epochs_before = before.epochs_done if before else 0
+    if before is None and config.init_from:
+        # Fail before any work when the warm start cannot be found, not inside every Ray worker.
+        source, _, selector = config.init_from.partition("@")
+        store.resolve(source, selector or "latest")
     logger.info("lineage %s in %s: %d of %d epochs committed", lineage, store.url, epochs_before, config.epochs)
     blocks_trained, ref = 0, store.ref(before) if before else None
     block = train_block.with_options(retries=config.block_retries, retry_delay_seconds=1)
+    progress = TrainProgress(lineage, config.epochs, epochs_before)
     with Lease(store, lineage, owner=_owner(), ttl_s=config.lease_ttl_s) as lease:
         for spec in config.blocks(fence=lease.fence):
             done = ref.epochs_done if ref else 0
             # The orchestrating task takes no CPU: the block's Ray Train workers need them all.
             with remote_options(num_cpus=0):
-                ref = block.submit(spec).result()
+                ref = progress.follow(block.submit(spec), store)
             blocks_trained += ref.epochs_done > done
             if lease.lost is not None:
                 raise lease.lost
@@ -73,6 +79,7 @@ def train(config: TrainConfig = TrainConfig()) -> TrainSummary:
                            epochs_trained=max(0, (ref.epochs_done if ref else 0) - epochs_before),
                            blocks_trained=blocks_trained, final=ref, wall_time_s=time.monotonic() - started)
     _log_summary(logger, summary)
+    publish_run(store, summary)
     return summary
 
 

@@ -70,8 +70,10 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> N
 def prefect_server(base_env: dict[str, str], session_dir: Path):
     port = free_port()
     log = session_dir / "prefect-server.log"
+    # The UI asks /ui-settings for the API address, which defaults to port 4200 otherwise.
+    env = dict(base_env, PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api")
     proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=base_env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
     try:
         _wait_http(f"{url}/health", 90, proc, log)
