@@ -8,9 +8,10 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ckpt import RetentionPlan, RetentionPolicy, validate_name
-from ckpt.errors import InvalidName
+from ckpt import RetentionPlan, RetentionPolicy
 from tasks.prune import prune_store
+
+from .config import safe_lineage
 
 
 class CleanupConfig(BaseModel):
@@ -28,12 +29,7 @@ class CleanupConfig(BaseModel):
     @field_validator("lineage")
     @classmethod
     def _lineage_is_safe(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                validate_name(value, "lineage")
-            except InvalidName as err:
-                raise ValueError(str(err)) from None
-        return value
+        return safe_lineage(value)
 
 
 def _publish(result: RetentionPlan, config: CleanupConfig) -> None:

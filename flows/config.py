@@ -20,6 +20,16 @@ from tasks.spec import BlockSpec, FailureInjection
 DEFAULT_RECIPE = "tasks.recipes:linear"
 
 
+def safe_lineage(value: str | None) -> str | None:
+    """A pydantic validator body: a user's lineage name must not escape the store root."""
+    if value is not None:
+        try:
+            validate_name(value, "lineage")
+        except InvalidName as err:
+            raise ValueError(str(err)) from None
+    return value
+
+
 class TrainConfig(BaseModel):
     """Everything a training run needs. Unset `lr`/`batch_size` take the recipe's defaults."""
 
@@ -61,12 +71,7 @@ class TrainConfig(BaseModel):
     @field_validator("lineage")
     @classmethod
     def _lineage_is_safe(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                validate_name(value, "lineage")
-            except InvalidName as err:
-                raise ValueError(str(err)) from None
-        return value
+        return safe_lineage(value)
 
     @field_validator("init_from")
     @classmethod

@@ -123,13 +123,18 @@ def _warm_start(run: _Run) -> TrainingState | None:
         log.info("warm start of %s from %s (%s)", run.spec.lineage, run.parent, run.spec.init_mode)
     if run.spec.init_mode == "weights":
         return None
+    _load_training_state(run, state)
+    return state
+
+
+def _load_training_state(run: _Run, state: TrainingState) -> None:
+    """Optimizer, scheduler and the recipe's custom state (the model is loaded by the caller)."""
     if state.optimizer is not None:
         run.optimizer.load_state_dict(state.optimizer)
     if run.scheduler is not None and state.scheduler is not None:
         run.scheduler.load_state_dict(state.scheduler)
     if run.recipe.load_extra_state is not None:
         run.recipe.load_extra_state(run.model, state.extra)
-    return state
 
 
 def _seed_rank(seed: int, rank: int, step: int) -> None:
@@ -157,12 +162,7 @@ def _load_latest(store: CheckpointStore, lineage: str) -> tuple[Manifest | None,
 def _restore(run: _Run, manifest: Manifest, files: dict[str, bytes]) -> TrainingState:
     state = decode(files)
     run.model.load_state_dict(state.model)
-    if state.optimizer is not None:
-        run.optimizer.load_state_dict(state.optimizer)
-    if run.scheduler is not None and state.scheduler is not None:
-        run.scheduler.load_state_dict(state.scheduler)
-    if run.recipe.load_extra_state is not None:
-        run.recipe.load_extra_state(run.model, state.extra)
+    _load_training_state(run, state)
     run.position, run.parent = state.position, manifest.id
     if not state.position.epoch_complete:  # a mid-epoch resume continues the epoch's loss sums
         run.progress = {k: float(v) for k, v in state.progress.items()} or run.progress
