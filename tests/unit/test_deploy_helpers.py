@@ -1,0 +1,67 @@
+"""Pure helpers of the deployments and artifacts: names, warm-start choice, the loss-curve picture."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from datetime import datetime, timezone
+
+import pytest
+import torch
+
+from ckpt import CheckpointStore, InvalidName, Position, TrainingState, encode
+from deployments.nightly import nightly_lineage, previous_checkpoint
+from flows.artifacts import artifact_key, line_chart_png
+
+
+def test_artifact_keys_keep_only_lowercase_letters_digits_and_dashes():
+    assert artifact_key("Nightly_2026.11", "checkpoints") == "nightly-2026-11-checkpoints"
+    assert artifact_key("___", "latest") == "lineage-latest"
+
+
+def test_the_nightly_lineage_is_named_by_the_scheduled_date_in_utc():
+    when = datetime(2026, 11, 27, 2, 0, tzinfo=timezone.utc)
+    assert nightly_lineage("nightly", "%Y%m%d", when) == "nightly-20261127"
+    assert nightly_lineage("nightly", "%Y%m%d-%H%M%S", when) == "nightly-20261127-020000"
+    with pytest.raises(InvalidName):
+        nightly_lineage("../escape", "%Y%m%d", when)
+
+
+def _commit(store: CheckpointStore, lineage: str, epoch: int, loss: float) -> str:
+    position = Position(epoch=epoch, batch_in_epoch=1, epoch_complete=True, step=epoch + 1)
+    files, digest = encode(TrainingState(model=torch.nn.Linear(2, 2).state_dict(), position=position))
+    return store.commit(lineage, position, files, digest=digest, metrics={"loss": loss}).id
+
+
+def test_the_nightly_retrain_warm_starts_from_the_newest_earlier_night_with_a_checkpoint(tmp_path):
+    store = CheckpointStore(str(tmp_path / "store"))
+    best = _commit(store, "nightly-20261125", 0, 0.2)
+    latest = _commit(store, "nightly-20261125", 1, 0.5)
+    _commit(store, "other-20261126", 0, 0.1)      # another prefix: ignored
+    _commit(store, "nightly-20261128", 0, 0.1)    # later than tonight: ignored
+    tonight = "nightly-20261127"
+    assert previous_checkpoint(store, "nightly", tonight, "latest") == f"nightly-20261125@{latest}"
+    assert previous_checkpoint(store, "nightly", tonight, "best") == f"nightly-20261125@{best}"
+    assert previous_checkpoint(store, "nightly", tonight, "none") is None
+    assert previous_checkpoint(store, "nightly", "nightly-20261124", "latest") is None
+
+
+def _png_size_and_pixels(png: bytes) -> tuple[int, int, bytes]:
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])
+    chunks, offset = b"", 8
+    while offset < len(png):
+        length, kind = struct.unpack(">I4s", png[offset:offset + 8])
+        if kind == b"IDAT":
+            chunks += png[offset + 8:offset + 8 + length]
+        offset += 12 + length
+    return width, height, zlib.decompress(chunks)
+
+
+def test_the_loss_curve_is_a_real_png_that_changes_with_the_data():
+    falling = line_chart_png([[(0, 0.7), (1, 0.6), (2, 0.5)]], width=200, height=100)
+    rising = line_chart_png([[(0, 0.5), (1, 0.6), (2, 0.7)]], width=200, height=100)
+    width, height, pixels = _png_size_and_pixels(falling)
+    assert (width, height) == (200, 100)
+    assert len(pixels) >= height * width * 3  # every row decompresses
+    assert falling != rising
