@@ -106,6 +106,9 @@ def train(
         return
     if ray_address:
         os.environ["RAY_ADDRESS"] = ray_address
+    if os.environ.get("RAY_ADDRESS"):
+        # Ray 2.60 clusters have token authentication on; a driver must say so to connect.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     from .train import train as train_flow
 
     summary = _run_flow(train_flow, config=config)

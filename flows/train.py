@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 import time
 
-from prefect import flow, get_run_logger
+if os.environ.get("RAY_ADDRESS"):
+    # Ray 2.60 clusters have token authentication on, and a driver connecting by address must say
+    # so before Ray is imported (runs started by `prefect worker` or `serve` come through here).
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+from prefect import flow, get_run_logger  # noqa: E402
 from prefect.runtime import flow_run
 from prefect_ray import RayTaskRunner
 from prefect_ray.context import remote_options

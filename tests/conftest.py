@@ -88,19 +88,24 @@ def ray_cluster(base_env: dict[str, str], prefect_server: str, session_dir: Path
 
     `ray start --block` in its own process group, so that teardown stops this cluster only
     (`ray stop` would stop every Ray cluster on the machine)."""
-    env = dict(base_env, PREFECT_API_URL=prefect_server)
     port = free_port()
+    env = dict(base_env, PREFECT_API_URL=prefect_server, RAY_ADDRESS=f"127.0.0.1:{port}")
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # unix socket paths must stay < 108 bytes
+    # Free ports for everything a second cluster on the machine would otherwise also take
+    # (even with the dashboard off, its agent still listens on 8265 by default).
+    ports = ["--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"]
     cmd = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=4", "--block",
-           "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+           "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+           *(f"{flag}={free_port()}" for flag in ports)]
     # Ray 2.60 has token authentication on: the token lives in $HOME/.ray/auth_token (isolated).
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, capture_output=True,
                    check=True, timeout=60)
     log = session_dir / "ray-start.log"
     proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_ray(f"127.0.0.1:{port}", env, proc, log)
-        yield f"127.0.0.1:{port}"
+        _wait_ray(env["RAY_ADDRESS"], env, proc, log)
+        yield env["RAY_ADDRESS"]
     finally:
         _stop_group(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
