@@ -36,7 +36,6 @@ def save_and_load(nbytes: int, reps: int, where: str | None = None) -> list[Resu
             raw_w.append(timed(fsync_write, raw_path, views)[0])
             seconds, manifest = timed(_save, store, "bench", state)
             save_w.append(seconds)
-            paths = [store.path("bench", manifest.id, n) for n in manifest.files]
             cold &= drop_caches()
             raw_r.append(timed(raw_read, [raw_path])[0])
             cold &= drop_caches()
@@ -89,13 +88,11 @@ def async_stall(nbytes: int, saves: int, where: str | None = None) -> Result:
         store = CheckpointStore(os.path.join(root, "store"))
         state = make_state(nbytes)
         trainer = _Trainer(state)
-        per_step = median([trainer.steps(20) / 20 for _ in range(5)])
+        trainer.steps(20)  # warm up
         sync_s = []
         for i in range(saves):
             state.position = Position(epoch=0, batch_in_epoch=i, epoch_complete=False, step=i + 1)
             sync_s.append(timed(_save, store, "sync", state)[0])
-        # Enough steps between checkpoints for the background save to finish, as with real intervals.
-        steps = max(20, int(3 * median(sync_s) / per_step))
         stalls, busy, idle, expected = [], [], [], []
         with AsyncSaver() as saver:
             for i in range(saves + 1):

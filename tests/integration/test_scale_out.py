@@ -26,7 +26,7 @@ import pytest
 from ckpt import CheckpointStore
 from tests.conftest import BIN, ROOT, _stop_group, _wait_http, free_port
 
-from .support import kill_group, start_baton, wait_for
+from .support import kill_group, start_baton
 from .test_deployments import flow_run, retry_like_the_ui, run_deployment, serving, wait_final
 
 pytestmark = pytest.mark.integration

@@ -11,39 +11,17 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
-import fsspec
 import pytest
 import torch
 
 from ckpt import CheckpointStore, Lease, LeaseHeld, LeaseLost, LeaseRecord, Position, TrainingState, encode
 from ckpt.manifest import utcnow
 
+from .conftest import SHARED_BACKENDS
+
 ROOT = Path(__file__).resolve().parents[2]
-BACKENDS = ["local", "memory", pytest.param("s3", marks=pytest.mark.s3)]
-SHARED_BACKENDS = ["local", pytest.param("s3", marks=pytest.mark.s3)]  # seen by other processes too
-
-
-@pytest.fixture(params=BACKENDS)
-def store_url(request, tmp_path):
-    """A fresh, empty store root on one backend."""
-    if request.param == "local":
-        yield str(tmp_path / "store")
-    elif request.param == "memory":
-        root = f"/baton-{uuid.uuid4().hex}"
-        yield f"memory://{root}"
-        memory = fsspec.filesystem("memory")
-        if memory.exists(root):
-            memory.rm(root, recursive=True)
-    else:
-        yield request.getfixturevalue("s3_store") + "/root"
-
-
-@pytest.fixture
-def store(store_url) -> CheckpointStore:
-    return CheckpointStore(store_url)
 
 
 def commit_files(epoch: int = 0, step: int = 1):

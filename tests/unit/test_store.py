@@ -13,10 +13,8 @@ import time
 import uuid
 from pathlib import Path
 
-import fsspec
 import pytest
 import torch
-from fsspec.implementations.local import LocalFileSystem
 
 from ckpt import (
     CheckpointCorrupted,
@@ -35,30 +33,10 @@ from ckpt import (
 from ckpt.manifest import MANIFEST_NAME
 from ckpt.state import META_FILE, MODEL_FILE, TENSORS_FILE
 
+from .conftest import SHARED_BACKENDS
+
 WRITER = Path(__file__).with_name("_writer.py")
 ROOT = Path(__file__).resolve().parents[2]
-BACKENDS = ["local", "memory", pytest.param("s3", marks=pytest.mark.s3)]
-DURABLE_BACKENDS = ["local", pytest.param("s3", marks=pytest.mark.s3)]  # shared between processes
-
-
-@pytest.fixture(params=BACKENDS)
-def store_url(request, tmp_path):
-    """A fresh, empty store root on one backend."""
-    if request.param == "local":
-        yield str(tmp_path / "store")
-    elif request.param == "memory":
-        root = f"/baton-{uuid.uuid4().hex}"
-        yield f"memory://{root}"
-        memory = fsspec.filesystem("memory")
-        if memory.exists(root):
-            memory.rm(root, recursive=True)
-    else:
-        yield request.getfixturevalue("s3_store") + "/root"
-
-
-@pytest.fixture
-def store(store_url) -> CheckpointStore:
-    return CheckpointStore(store_url)
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -544,7 +522,7 @@ def folders(store: CheckpointStore, lineage: str) -> tuple[set[str], set[str]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("store_url", DURABLE_BACKENDS, indirect=True)
+@pytest.mark.parametrize("store_url", SHARED_BACKENDS, indirect=True)
 def test_a_writer_killed_at_random_moments_never_leaves_a_listed_partial_checkpoint(store_url):
     rng = random.Random(1234)
     began = time.monotonic()
