@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MANIFEST_NAME = "manifest.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: chunked file hashes (FileEntry.chunk_size); 1 is still read
 
 
 def utcnow() -> datetime:
@@ -19,7 +19,12 @@ class FileEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     size: int = Field(ge=0, description="Size of the file in bytes.")
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex sha256 of the file.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$",
+                        description="Hex sha256 of the file or, with chunk_size, its chunked sha256.")
+    chunk_size: int | None = Field(
+        default=None, gt=0,
+        description="Chunked sha256: `sha256` is the sha256 of the concatenated sha256 digests of "
+                    "consecutive chunk_size-byte pieces (hashed in parallel). None: of the whole file.")
 
 
 class Position(BaseModel):
@@ -42,7 +47,7 @@ class Manifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    version: Literal[1] = SCHEMA_VERSION
+    version: Literal[1, 2] = SCHEMA_VERSION
     lineage: str
     id: str
     position: Position
@@ -52,7 +57,8 @@ class Manifest(BaseModel):
     parent: str | None = Field(default=None, description="Id of the checkpoint training resumed from.")
     versions: dict[str, str] = Field(default_factory=dict, description="Library versions.")
     files: dict[str, FileEntry]
-    digest: str = Field(description="sha256 over the model tensors (names, dtypes, shapes, bytes).")
+    digest: str = Field(description="Fingerprint of the model weights: the chunked sha256 of their canonical "
+                                    "safetensors file (names, dtypes, shapes, bytes); equal iff the weights are.")
     fence: int = Field(default=0, ge=0, description="Lease fencing number of the writer.")
 
     @property

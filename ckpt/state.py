@@ -5,18 +5,16 @@ Nothing here unpickles: loading a checkpoint runs no code (DESIGN invariant 6).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 
+from ._blob import Blob
+from ._safetensors import deserialize, serialize
 from .manifest import Position
 
 MODEL_FILE = "model.safetensors"
@@ -69,18 +67,24 @@ def restore_rng(state: RankRNG) -> None:
 
 
 def model_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over names, dtypes, shapes and bytes in name order: equal iff the weights are."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-    return digest.hexdigest()
+    """Fingerprint of model weights, equal iff names, dtypes, shapes and bytes are: the chunked
+    sha256 of their safetensors file, so a committed checkpoint's digest costs no extra pass."""
+    return serialize(tensors).sha256()
 
 
-def encode(state: TrainingState) -> tuple[dict[str, bytes], str]:
-    """Serialise to {file name: bytes} and return the model digest beside it."""
-    model = _owned(state.model)
+class EncodedState(dict):
+    """{file name: Blob}, ready for `CheckpointStore.commit`; the Blobs share the state's memory.
+
+    `digest` is the model digest: the model file's chunked sha256, which `commit` computes while
+    writing the file (reading it here first hashes it)."""
+
+    @property
+    def digest(self) -> str:
+        return self[MODEL_FILE].sha256()
+
+
+def encode(state: TrainingState) -> EncodedState:
+    """Lay the state out as checkpoint files, without copying tensor bytes."""
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {"format": FORMAT_VERSION, "position": state.position.model_dump(),
                             "progress": _jsonable(state.progress),
@@ -94,22 +98,21 @@ def encode(state: TrainingState) -> tuple[dict[str, bytes], str]:
         for device, cuda_state in enumerate(rng.cuda):
             tensors[f"rng/{rank}/cuda/{device}"] = cuda_state
         meta["rng"].append({"python": rng.python, "numpy": rng.numpy, "cuda_devices": len(rng.cuda)})
-    # The digest (a sha256 pass over the weights) runs beside serialisation: both release the GIL.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        digest = pool.submit(model_digest, model)
-        files = {
-            MODEL_FILE: save_tensors(model),
-            TENSORS_FILE: save_tensors(_owned(tensors)),
-            META_FILE: json.dumps(meta, sort_keys=True).encode(),
-        }
-        return files, digest.result()
+    return EncodedState({
+        MODEL_FILE: serialize(state.model),
+        TENSORS_FILE: serialize(tensors),
+        META_FILE: Blob([json.dumps(meta, sort_keys=True).encode()]),
+    })
 
 
-def decode(files: dict[str, bytes]) -> TrainingState:
-    meta = json.loads(files[META_FILE])
+def decode(files: dict[str, Any]) -> TrainingState:
+    """The state from its files (writable buffers as `CheckpointStore.read` returns them, bytes or
+    Blobs). Tensors share the buffers' memory: nothing is copied, nothing is unpickled."""
+    files = {name: bytearray(bytes(data)) if isinstance(data, Blob) else data for name, data in files.items()}
+    meta = json.loads(bytes(files[META_FILE]))
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"unknown checkpoint state format {meta.get('format')!r}; upgrade Baton to load it")
-    tensors = load_tensors(files[TENSORS_FILE])
+    tensors = deserialize(files[TENSORS_FILE])
     rng = []
     for rank, entry in enumerate(meta["rng"]):
         cuda = [tensors[f"rng/{rank}/cuda/{d}"] for d in range(entry["cuda_devices"])]
@@ -118,7 +121,7 @@ def decode(files: dict[str, bytes]) -> TrainingState:
     if optimizer is not None:
         optimizer["state"] = {int(k): v for k, v in optimizer["state"].items()}
     return TrainingState(
-        model=load_tensors(files[MODEL_FILE]),
+        model=deserialize(files[MODEL_FILE]),
         position=Position.model_validate(meta["position"]),
         optimizer=optimizer,
         scheduler=_join(meta.get("scheduler"), tensors),
@@ -163,16 +166,3 @@ def _jsonable(value: Any) -> Any:
         f"cannot store a {type(value).__name__} in a checkpoint: only tensors and JSON values "
         "(numbers, strings, lists, dicts) are saved, so that loading never runs code"
     )
-
-
-def _owned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors that share no storage (safetensors refuses shared storage)."""
-    out, seen = {}, set()
-    for name, tensor in tensors.items():
-        tensor = tensor.detach().cpu().contiguous()
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr in seen and tensor.numel():
-            tensor = tensor.clone()
-        seen.add(ptr)
-        out[name] = tensor
-    return out

@@ -194,7 +194,7 @@ class CheckpointStore:
         position: Position,
         files: dict[str, Any],
         *,
-        digest: str,
+        digest: str | None = None,
         metrics: dict[str, float] | None = None,
         config_hash: str = "",
         parent: str | None = None,
@@ -202,19 +202,26 @@ class CheckpointStore:
         fence: int = 0,
         before_commit: Callable[[], None] | None = None,
     ) -> Manifest:
-        """Write `files`, then the manifest. `before_commit` may raise to refuse (fencing)."""
+        """Write `files` (name -> bytes or Blob), then the manifest.
+
+        `files` from `ckpt.encode` carry the model digest, computed while the files are written;
+        other files need `digest`. `before_commit` may raise to refuse (fencing)."""
+        if digest is None and not hasattr(files, "digest"):
+            raise TypeError("commit needs digest=... unless files come from ckpt.encode()")
         ckpt_id = checkpoint_id(position.epoch, position.step)
         folder = self.path(lineage, ckpt_id)
         # Before any file is written: the files of a committed checkpoint are never overwritten.
         existing = self._existing(lineage, ckpt_id)
         if existing is not None:
-            if existing.digest == digest:
+            if existing.digest == (digest or files.digest):  # type: ignore[attr-defined]
                 return existing
             raise CheckpointExists(f"{lineage}/{ckpt_id} is already committed with other weights")
         entries: dict[str, FileEntry] = {}
         for name, data in files.items():
             validate_name(name, "file")
             entries[name] = _io.write_file(self.fs, f"{folder}/{name}", data)
+        if digest is None:
+            digest = files.digest  # type: ignore[attr-defined]  # hashed while writing
         manifest = Manifest(
             lineage=lineage, id=ckpt_id, position=position, metrics=metrics or {},
             config_hash=config_hash, parent=parent, versions=versions or {}, files=entries,
@@ -231,17 +238,23 @@ class CheckpointStore:
         except (CheckpointNotFound, ValueError):
             return None
 
-    def read(self, manifest: Manifest, name: str, verify: bool = True) -> bytes:
+    def read(self, manifest: Manifest, name: str, verify: bool = True) -> memoryview:
+        """One file of a committed checkpoint, checked against its size and hash unless told not to.
+
+        A writable buffer: `ckpt.decode` builds tensors on it without copying."""
         entry = manifest.files.get(name)
         if entry is None:
             raise CheckpointNotFound(f"{manifest.lineage}/{manifest.id} has no file {name!r}")
         path = self.path(manifest.lineage, manifest.id, name)
         try:
-            data, sha256 = _io.read_hashed(self.fs, path) if verify else (_io.read_bytes(self.fs, path), None)
+            if verify:
+                data, sha256 = _io.read_hashed(self.fs, path, entry.chunk_size)
+            else:
+                data, sha256 = memoryview(bytearray(_io.read_bytes(self.fs, path))), None
         except FileNotFoundError as err:
             raise CheckpointCorrupted(manifest.lineage, manifest.id, [f"{name}: missing"]) from err
         if verify:
-            problem = _check(name, entry, data, sha256)
+            problem = _check(name, entry, len(data), sha256)
             if problem:
                 raise CheckpointCorrupted(manifest.lineage, manifest.id, [problem])
         return data
@@ -251,11 +264,12 @@ class CheckpointStore:
         problems = []
         for name, entry in manifest.files.items():
             try:
-                data, sha256 = _io.read_hashed(self.fs, self.path(manifest.lineage, manifest.id, name))
+                size, sha256 = _io.hash_file(self.fs, self.path(manifest.lineage, manifest.id, name),
+                                             entry.chunk_size)
             except FileNotFoundError:
                 problems.append(f"{name}: missing (expected {entry.size} bytes)")
                 continue
-            problem = _check(name, entry, data, sha256)
+            problem = _check(name, entry, size, sha256)
             if problem:
                 problems.append(problem)
         return problems
@@ -353,11 +367,12 @@ def _remove_local_folder(folder: str) -> int:
     return freed
 
 
-def _check(name: str, entry: FileEntry, data: bytes, actual: str) -> str | None:
-    if len(data) != entry.size:
-        return f"{name}: size {len(data)} bytes, expected {entry.size}"
+def _check(name: str, entry: FileEntry, size: int, actual: str | None) -> str | None:
+    if size != entry.size:
+        return f"{name}: size {size} bytes, expected {entry.size}"
     if actual != entry.sha256:
-        return f"{name}: sha256 {actual[:12]}..., expected {entry.sha256[:12]}..."
+        kind = "sha256" if entry.chunk_size is None else "chunked sha256"
+        return f"{name}: {kind} {actual[:12]}..., expected {entry.sha256[:12]}..."  # type: ignore[index]
     return None
 
 

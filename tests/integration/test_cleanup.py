@@ -106,8 +106,8 @@ def _commit_many(store: CheckpointStore, lineage: str, count: int) -> None:
     model = torch.nn.Linear(2, 2)
     for i in range(count):
         position = Position(epoch=i, batch_in_epoch=1, epoch_complete=True, step=i + 1)
-        files, digest = encode(TrainingState(model=model.state_dict(), position=position, rng=[capture_rng()]))
-        store.commit(lineage, position, files, digest=digest, metrics={"loss": 1.0})
+        files = encode(TrainingState(model=model.state_dict(), position=position, rng=[capture_rng()]))
+        store.commit(lineage, position, files, metrics={"loss": 1.0})
 
 
 def _artifact_rows(api: str, key: str) -> list:

@@ -29,7 +29,7 @@ def say(line: str) -> None:
     os.write(sys.stdout.fileno(), f"{line}\n".encode())
 
 
-def encoded_state() -> tuple[dict[str, bytes], str]:
+def encoded_state():
     torch.manual_seed(0)
     model = torch.nn.Linear(1024, 512)  # 2 MiB of weights, 2 MiB of momentum
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -49,7 +49,7 @@ def commit_forever(url: str, lineage: str, files: dict[str, bytes], digest: str)
     store = CheckpointStore(url)
     store.fs.exists(store.path(lineage))  # connected: the kill window starts with the first write
     say(f"writing {os.getpid()}")
-    meta = json.loads(files[META_FILE])
+    meta = json.loads(bytes(files[META_FILE]))
     for epoch in range(1, 100_000):
         if time.monotonic() > deadline:
             return
@@ -61,7 +61,8 @@ def commit_forever(url: str, lineage: str, files: dict[str, bytes], digest: str)
 
 def main() -> None:
     url = sys.argv[1]
-    files, digest = encoded_state()
+    files = encoded_state()
+    digest = files.digest
     say("ready")
     for line in sys.stdin:
         lineage = line.strip()

@@ -66,8 +66,8 @@ def _commit_tiny(store: CheckpointStore, lineage: str, epoch: int) -> None:
     torch.manual_seed(epoch)
     model = torch.nn.Linear(4, 2)
     position = Position(epoch=epoch, batch_in_epoch=2, epoch_complete=True, step=2 * (epoch + 1))
-    files, digest = encode(TrainingState(model=model.state_dict(), position=position, rng=[capture_rng()]))
-    store.commit(lineage, position, files, digest=digest, metrics={"loss": 1.0 / (epoch + 1)})
+    files = encode(TrainingState(model=model.state_dict(), position=position, rng=[capture_rng()]))
+    store.commit(lineage, position, files, metrics={"loss": 1.0 / (epoch + 1)})
 
 
 def test_ckpt_ls_lists_committed_checkpoints_as_json_and_verify_fails_listing_every_corrupted_file(tmp_path):

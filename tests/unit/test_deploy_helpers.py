@@ -29,8 +29,8 @@ def test_the_nightly_lineage_is_named_by_the_scheduled_date_in_utc():
 
 def _commit(store: CheckpointStore, lineage: str, epoch: int, loss: float) -> str:
     position = Position(epoch=epoch, batch_in_epoch=1, epoch_complete=True, step=epoch + 1)
-    files, digest = encode(TrainingState(model=torch.nn.Linear(2, 2).state_dict(), position=position))
-    return store.commit(lineage, position, files, digest=digest, metrics={"loss": loss}).id
+    files = encode(TrainingState(model=torch.nn.Linear(2, 2).state_dict(), position=position))
+    return store.commit(lineage, position, files, metrics={"loss": loss}).id
 
 
 def test_the_nightly_retrain_warm_starts_from_the_newest_earlier_night_with_a_checkpoint(tmp_path):

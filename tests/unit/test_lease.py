@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def commit_files(epoch: int = 0, step: int = 1):
     torch.manual_seed(epoch)
     pos = Position(epoch=epoch, batch_in_epoch=0, epoch_complete=True, step=step)
-    files, digest = encode(TrainingState(model=torch.nn.Linear(3, 2).state_dict(), position=pos))
+    files = encode(TrainingState(model=torch.nn.Linear(3, 2).state_dict(), position=pos))
+    digest = files.digest
     return pos, files, digest
 
 

@@ -308,8 +308,8 @@ def check_keep_best(policy: RetentionPolicy, history: list[Manifest], best: set[
 # ---- prune on a real store -----------------------------------------------------------------
 def commit(store: CheckpointStore, lineage: str, epoch: int, loss: float):
     position = Position(epoch=epoch, batch_in_epoch=4, epoch_complete=True, step=4 * (epoch + 1))
-    files, digest = encode(TrainingState(model={"w": torch.full((3,), float(epoch))}, position=position))
-    return store.commit(lineage, position, files, digest=digest, metrics={"loss": loss})
+    files = encode(TrainingState(model={"w": torch.full((3,), float(epoch))}, position=position))
+    return store.commit(lineage, position, files, metrics={"loss": loss})
 
 
 def leftover(store: CheckpointStore, lineage: str, ckpt_id: str, age_s: float) -> str:

@@ -41,7 +41,7 @@ def train_step(model, optimizer, seed: int, scheduler=None) -> None:
 
 
 def round_trip(state: TrainingState) -> TrainingState:
-    files, _ = encode(state)
+    files = encode(state)
     return decode(files)
 
 
@@ -152,8 +152,8 @@ def test_rng_states_survive_the_checkpoint_format_for_every_rank():
         random.seed(0), np.random.seed(0), torch.manual_seed(0)
         restore_rng(rank_state)
         assert draws() == rank_draws
-    files, _ = encode(TrainingState(model={}, position=POS, rng=ranks))
-    json.dumps(json.loads(files[META_FILE]))  # plain JSON, no Python objects
+    files = encode(TrainingState(model={}, position=POS, rng=ranks))
+    json.dumps(json.loads(bytes(files[META_FILE])))  # plain JSON, no Python objects
 
 
 # ---- extra and progress ----------------------------------------------------------------------
@@ -207,7 +207,7 @@ def test_the_model_digest_is_equal_exactly_when_the_weights_are():
     assert model_digest(reshaped) != model_digest(weights)
     retyped = dict(same, **{"0.bias": same["0.bias"].view(torch.int32)})  # same bytes, other dtype
     assert model_digest(retyped) != model_digest(weights)
-    assert encode(TrainingState(model=weights, position=POS))[1] == model_digest(weights)
+    assert encode(TrainingState(model=weights, position=POS)).digest == model_digest(weights)
 
 
 # ---- loading runs no code --------------------------------------------------------------------
@@ -215,18 +215,18 @@ def test_the_files_hold_no_pickle_only_safetensors_and_json():
     model = net()
     optimizer = torch.optim.Adam(model.parameters())
     train_step(model, optimizer, 0)
-    files, _ = encode(TrainingState(model=model.state_dict(), position=POS, optimizer=optimizer.state_dict(),
+    files = encode(TrainingState(model=model.state_dict(), position=POS, optimizer=optimizer.state_dict(),
                                     rng=[capture_rng()], extra={"t": torch.ones(2)}))
     assert set(files) == {MODEL_FILE, TENSORS_FILE, META_FILE}
-    meta = json.loads(files[META_FILE])
+    meta = json.loads(bytes(files[META_FILE]))
     assert meta["position"] == POS.model_dump()
     for name in (MODEL_FILE, TENSORS_FILE):
-        data = files[name]
+        data = bytes(files[name])
         (header_len,) = struct.unpack("<Q", data[:8])
         header = json.loads(data[8 : 8 + header_len])
         end = max(entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__")
         assert len(data) == 8 + header_len + end, name  # nothing but the header and the tensor bytes
-    for data in files.values():
+    for data in map(bytes, files.values()):
         assert not data.startswith(b"\x80") and not data.startswith(b"PK"), "a pickle or torch.save zip"
 
 
@@ -245,7 +245,7 @@ def test_a_pickle_disguised_as_a_checkpoint_file_fails_to_load_without_running(n
     marker = tmp_path / "code-ran"
     buffer = io.BytesIO()
     torch.save({"weight": torch.ones(2), "payload": Payload(marker)}, buffer)
-    files, _ = encode(TrainingState(model=net().state_dict(), position=POS))
+    files = encode(TrainingState(model=net().state_dict(), position=POS))
     files[name] = buffer.getvalue()
 
     with pytest.raises((safetensors.SafetensorError, ValueError, UnicodeDecodeError)):
@@ -258,7 +258,7 @@ def test_a_pickle_disguised_as_a_checkpoint_file_fails_to_load_without_running(n
 
 def test_a_plain_pickle_disguised_as_state_json_fails_to_load_without_running(tmp_path):
     marker = tmp_path / "code-ran"
-    files, _ = encode(TrainingState(model={}, position=POS))
+    files = encode(TrainingState(model={}, position=POS))
     files[META_FILE] = pickle.dumps(Payload(marker))
     with pytest.raises(ValueError):
         decode(files)
@@ -266,8 +266,8 @@ def test_a_plain_pickle_disguised_as_state_json_fails_to_load_without_running(tm
 
 
 def test_a_state_of_an_unknown_format_version_is_refused():
-    files, _ = encode(TrainingState(model={}, position=POS))
-    meta = json.loads(files[META_FILE])
+    files = encode(TrainingState(model={}, position=POS))
+    meta = json.loads(bytes(files[META_FILE]))
     meta["format"] = 99
     with pytest.raises(ValueError, match="unknown checkpoint state format 99"):
         decode(dict(files, **{META_FILE: json.dumps(meta).encode()}))

@@ -1,0 +1,118 @@
+"""Bytes in pieces, and the chunked sha256 that lets two cores hash one file.
+
+A `Blob` is a file's content as a list of buffers (a header, then tensor memory) that is written
+without first being joined into one `bytes`. Its hash is a *chunked sha256*: the sha256 of each
+consecutive `CHUNK`-byte piece, in order, hashed again as one string. Each piece is hashed on its
+own, so the pieces of one file are spread over a small thread pool (hashlib releases the GIL) while
+the file is being written or read: a single sha256 stream runs at about 1.2 GB/s on one core here,
+slower than the disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+CHUNK = 8 * 2**20
+HASH_THREADS = max(2, min(4, os.cpu_count() or 2))
+
+_pool: ThreadPoolExecutor | None = None
+_pool_pid = 0
+_pool_lock = threading.Lock()
+
+
+def hash_pool() -> ThreadPoolExecutor:
+    """One process-wide pool of hashing threads (made again in a forked child)."""
+    global _pool, _pool_pid
+    with _pool_lock:
+        if _pool is None or _pool_pid != os.getpid():
+            _pool = ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="baton-hash")
+            _pool_pid = os.getpid()
+        return _pool
+
+
+def _digest_parts(parts: list[memoryview]) -> bytes:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.digest()
+
+
+class ChunkHasher:
+    """Chunked sha256 of a stream fed one chunk at a time (each `CHUNK` bytes, the last shorter)."""
+
+    def __init__(self, chunk_size: int = CHUNK) -> None:
+        self.chunk_size = chunk_size
+        self._futures: list[Future[bytes]] = []
+        self._pool = hash_pool()
+
+    def add(self, parts: list[memoryview]) -> None:
+        """Hash the next chunk in the background; its buffers must stay unchanged until `hexdigest`."""
+        self._futures.append(self._pool.submit(_digest_parts, parts))
+
+    def hexdigest(self) -> str:
+        return hashlib.sha256(b"".join(f.result() for f in self._futures)).hexdigest()
+
+
+def chunked_sha256(data: Any, chunk_size: int = CHUNK) -> str:
+    """Chunked sha256 of bytes, a buffer or a Blob, on the hashing threads."""
+    blob = data if isinstance(data, Blob) else Blob([data])
+    hasher = ChunkHasher(chunk_size)
+    for parts in blob.chunks(chunk_size):
+        hasher.add(parts)
+    return hasher.hexdigest()
+
+
+class Blob:
+    """A file's content as buffers laid end to end. Compares equal to the same bytes."""
+
+    def __init__(self, parts: list[Any]) -> None:
+        self.parts = [memoryview(p).cast("B") for p in parts]
+        self.size = sum(len(p) for p in self.parts)
+        self._sha256: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Blob):
+            other = bytes(other)
+        try:
+            return bytes(self) == bytes(memoryview(other))  # type: ignore[arg-type]
+        except TypeError:
+            return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def chunks(self, chunk_size: int = CHUNK) -> Iterator[list[memoryview]]:
+        """The content as consecutive chunks of `chunk_size` bytes, each a list of views."""
+        current: list[memoryview] = []
+        room = chunk_size
+        for part in self.parts:
+            start = 0
+            while start < len(part):
+                take = min(room, len(part) - start)
+                current.append(part[start : start + take])
+                start += take
+                room -= take
+                if room == 0:
+                    yield current
+                    current, room = [], chunk_size
+        if current or self.size == 0:
+            yield current
+
+    def sha256(self, chunk_size: int = CHUNK) -> str:
+        """Chunked sha256 (computed once: writing the blob records it too)."""
+        if chunk_size not in self._sha256:
+            self._sha256[chunk_size] = chunked_sha256(self, chunk_size)
+        return self._sha256[chunk_size]
+
+    def remember_sha256(self, chunk_size: int, value: str) -> None:
+        self._sha256[chunk_size] = value

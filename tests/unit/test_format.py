@@ -1,0 +1,138 @@
+"""Baton's zero-copy safetensors writer/reader and the chunked sha256 of checkpoint files."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import struct
+
+import pytest
+import safetensors.torch
+import torch
+
+from ckpt import CheckpointStore, Position, TrainingState, decode, encode
+from ckpt import _io
+from ckpt._blob import Blob, chunked_sha256
+from ckpt._safetensors import deserialize, serialize
+from ckpt.manifest import MANIFEST_NAME, FileEntry
+from ckpt.store import _encode_manifest
+
+
+def every_dtype() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 5, generator=gen)
+    return {
+        "f64": base.double(), "f32": base, "f16": base.half(), "bf16": base.bfloat16(),
+        "i64": (base * 100).long(), "i32": (base * 100).int(), "i16": (base * 100).short(),
+        "i8": (base * 10).to(torch.int8), "u8": (base.abs() * 10).to(torch.uint8), "bool": base > 0,
+        "f8e4m3": base.to(torch.float8_e4m3fn), "f8e5m2": base.to(torch.float8_e5m2),
+        "scalar": torch.tensor(3.5), "empty": torch.empty(0, 4), "slice": base[1:],  # a view with an offset
+    }
+
+
+def _bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Same names, dtypes, shapes and bytes (bitwise, so that NaNs and float8 compare too)."""
+    return set(a) == set(b) and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and _bytes(a[k]) == _bytes(b[k]) for k in a)
+
+
+def test_files_written_by_baton_load_with_the_safetensors_library_and_back():
+    tensors = every_dtype()
+    data = bytes(serialize(tensors))
+    assert same(safetensors.torch.load(data), tensors)
+    assert same(deserialize(bytearray(data)), tensors)
+
+
+def test_files_written_by_the_safetensors_library_load_with_baton():
+    tensors = every_dtype()
+    data = safetensors.torch.save({k: v.clone() for k, v in tensors.items()}, metadata={"k": "v"})
+    assert same(deserialize(bytearray(data)), tensors)
+
+
+def test_serialisation_is_canonical_and_aligned():
+    tensors = every_dtype()
+    shuffled = dict(reversed(list(tensors.items())))
+    data = bytes(serialize(tensors))
+    assert data == bytes(serialize(shuffled))  # the same tensors give the same bytes
+    (length,) = struct.unpack("<Q", data[:8])
+    assert (8 + length) % 8 == 0
+    header = json.loads(data[8 : 8 + length])
+    for name, info in header.items():
+        begin = info["data_offsets"][0]
+        assert begin % tensors[name].element_size() == 0, name
+
+
+def test_decoded_tensors_share_the_buffer_that_was_read():
+    tensors = {"w": torch.randn(256, 256)}
+    buffer = bytearray(bytes(serialize(tensors)))
+    loaded = deserialize(buffer)["w"]
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    assert address <= loaded.data_ptr() < address + len(buffer)  # no copy
+    assert torch.equal(loaded, tensors["w"])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: d[:4], "shorter than its header length"),
+    (lambda d: struct.pack("<Q", 10**9) + d[8:], "exceeds the file"),
+    (lambda d: d[:8] + b"[" + d[9:], "unreadable header|not a JSON object"),
+    (lambda d: d.replace(b'"F32"', b'"X99"'), "unsupported dtype"),
+    (lambda d: d.replace(b'"data_offsets":[0,', b'"data_offsets":[4,'), "does not fit"),
+    (lambda d: d[:-4], "does not fit"),
+])
+def test_a_malformed_safetensors_file_is_refused_with_a_reason(damage, message):
+    data = bytes(serialize({"w": torch.ones(4, 4)}))
+    with pytest.raises(ValueError, match=message):
+        deserialize(bytearray(damage(data)))
+
+
+def test_the_chunked_sha256_is_the_sha256_of_the_chunks_sha256s():
+    data = bytes(range(256)) * 1000  # 256,000 bytes
+    size = 65_536
+    expected = hashlib.sha256(b"".join(hashlib.sha256(data[i : i + size]).digest()
+                                       for i in range(0, len(data), size))).hexdigest()
+    assert chunked_sha256(data, size) == expected
+    # The same however the bytes are split into parts.
+    parts = Blob([data[:10], data[10:70_000], data[70_000:]])
+    assert parts.sha256(size) == expected
+    assert chunked_sha256(b"", size) == hashlib.sha256(hashlib.sha256(b"").digest()).hexdigest()
+
+
+@pytest.mark.parametrize("size", [0, 1, 8 * 2**20, 8 * 2**20 + 1, 20 * 2**20 + 3])
+def test_writing_reading_and_verifying_agree_on_the_chunked_sha256(tmp_path, size):
+    data = torch.randint(0, 256, (size,), dtype=torch.uint8).numpy().tobytes()
+    blob = Blob([data[: size // 3], data[size // 3 :]])
+    fs, root, _ = _io.open_filesystem(str(tmp_path))
+    entry = _io.write_file(fs, f"{root}/f", blob)
+    assert entry.size == size and entry.chunk_size == _io.CHUNK
+    assert entry.sha256 == chunked_sha256(data) == blob.sha256()
+    read, digest = _io.read_hashed(fs, f"{root}/f", entry.chunk_size)
+    assert read == data and digest == entry.sha256
+    assert _io.hash_file(fs, f"{root}/f", entry.chunk_size) == (size, entry.sha256)
+
+
+def test_a_checkpoint_of_manifest_schema_1_whole_file_sha256_still_verifies_and_loads(tmp_path):
+    store = CheckpointStore(str(tmp_path))
+    position = Position(epoch=0, batch_in_epoch=0, epoch_complete=True, step=3)
+    model = torch.nn.Linear(4, 2).state_dict()
+    manifest = store.commit("run", position, encode(TrainingState(model=model, position=position)))
+    folder = store.path("run", manifest.id)
+    entries = {name: FileEntry(size=e.size, sha256=hashlib.sha256(store.fs.cat_file(f"{folder}/{name}")).hexdigest())
+               for name, e in manifest.files.items()}
+    old = manifest.model_copy(update={"version": 1, "files": entries})
+    _io.write_atomic(store.fs, f"{folder}/{MANIFEST_NAME}", _encode_manifest(old))
+    again = store.manifest("run", manifest.id)
+    assert again.version == 1 and all(e.chunk_size is None for e in again.files.values())
+    assert store.verify(again) == []
+    state = decode({name: store.read(again, name) for name in again.files})
+    assert same(state.model, model)
+    # ...and a flipped byte is still caught under the old rule.
+    path = f"{folder}/model.safetensors"
+    raw = bytearray(store.fs.cat_file(path))
+    raw[len(raw) // 2] ^= 1
+    store.fs.pipe_file(path, bytes(raw))
+    assert store.verify(again) and "sha256" in store.verify(again)[0]
