@@ -328,7 +328,7 @@ def _commit_async(run: _Run, rngs: list[Any], metrics: dict[str, float]) -> None
 
 
 def _write(run: _Run, state: TrainingState, metrics: dict[str, float], parent: str | None) -> Manifest:
-    files, digest = encode(state)
+    files = encode(state)
     spec, position = run.spec, state.position
 
     def before_commit() -> None:
@@ -337,7 +337,7 @@ def _write(run: _Run, state: TrainingState, metrics: dict[str, float], parent: s
         if spec.fence:
             Lease.check(run.store, spec.lineage, spec.fence)
 
-    return run.store.commit(spec.lineage, position, files, digest=digest, metrics=metrics,
+    return run.store.commit(spec.lineage, position, files, metrics=metrics,
                             config_hash=spec.config_hash, parent=parent, versions=dict(_versions()),
                             fence=spec.fence, before_commit=before_commit)
 
