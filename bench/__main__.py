@@ -31,7 +31,6 @@ def run(names: list[str], quick: bool, where: str | None) -> list[Result]:
     from . import cleanup, flow, resume, storage
 
     results: list[Result] = []
-    ray_start = None
     for name in names:
         started = time.perf_counter()
         print(f"... {name}", file=sys.stderr, flush=True)
@@ -41,19 +40,13 @@ def run(names: list[str], quick: bool, where: str | None) -> list[Result]:
             results.append(storage.async_stall(256 * MiB, saves=3 if quick else 5, where=where))
         elif name == "flow_vs_plain":
             results.append(flow.flow_vs_plain(blocks=2 if quick else 4, reps=1 if quick else 2))
-            ray_start = results[-1].detail["plain_boundaries"].get("block_start_to_worker_entry_s")
         elif name == "resume_vs_fresh":
-            results.append(resume.resume_vs_fresh(reps=2 if quick else 3, where=where))
+            results.append(resume.resume_vs_fresh(reps=1 if quick else 2, where=where))
         elif name == "cleanup_10k_s":
             results.append(cleanup.cleanup(where=where))
         else:
             raise SystemExit(f"unknown benchmark {name!r}; choose from {', '.join(SUITE)}")
         print(f"    {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-    for result in results:  # the block-level resume ratio needs Ray's start-up time from flow_vs_plain
-        if result.name == "resume_vs_fresh" and ray_start is not None:
-            fresh, resumed = result.detail["fresh_s"], result.detail["resumed_s"]
-            result.detail.update(ray_start_s=round(ray_start, 2),
-                                 block_level_ratio=round((ray_start + resumed) / (ray_start + fresh), 3))
     return results
 
 

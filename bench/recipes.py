@@ -67,3 +67,18 @@ def _timed_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 timed_linear = Recipe(build_model=lambda p: nn.Linear(10, 2), build_data=_timed_data, loss=_timed_loss,
                       default_lr=0.01, default_batch_size=16,
                       description="tasks.recipes:linear, logging when the worker loop starts and each step")
+
+
+def _timed_big_data(p: RecipeParams) -> Data:
+    mark("enter")
+    return _big_data(p)
+
+
+def _timed_mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    mark("step")
+    return nn.functional.mse_loss(outputs, targets)
+
+
+timed_big = Recipe(build_model=_big_model, build_data=_timed_big_data, loss=_timed_mse,
+                   build_optimizer=big.build_optimizer, default_lr=1e-4, default_batch_size=16,
+                   description="bench.recipes:big, logging when the worker loop starts and each step")
