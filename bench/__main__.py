@@ -35,7 +35,7 @@ def run(names: list[str], quick: bool, where: str | None) -> list[Result]:
         started = time.perf_counter()
         print(f"... {name}", file=sys.stderr, flush=True)
         if name == "save_vs_disk":
-            results += storage.save_and_load((256 if quick else 1024) * MiB, reps=2 if quick else 3, where=where)
+            results += storage.save_and_load((256 if quick else 1024) * MiB, reps=4 if quick else 6, where=where)
         elif name == "async_stall_vs_sync":
             results.append(storage.async_stall(256 * MiB, saves=3 if quick else 5, where=where))
         elif name == "flow_vs_plain":
