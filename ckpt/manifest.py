@@ -22,7 +22,7 @@ class FileEntry(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$",
                         description="Hex sha256 of the file or, with chunk_size, its chunked sha256.")
     chunk_size: int | None = Field(
-        default=None, gt=0,
+        default=None, ge=2**16,
         description="Chunked sha256: `sha256` is the sha256 of the concatenated sha256 digests of "
                     "consecutive chunk_size-byte pieces (hashed in parallel). None: of the whole file.")
 
