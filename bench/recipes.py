@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from tasks.recipes import Data, Recipe, RecipeParams, _linear_data
+from tasks.recipes import Data, Recipe, RecipeParams, linear
 
 
 def _big_model(p: RecipeParams) -> nn.Module:
@@ -54,31 +55,20 @@ def mark(event: str) -> None:
         handle.write(json.dumps({"event": event, "t": time.time(), "pid": os.getpid()}) + "\n")
 
 
-def _timed_data(p: RecipeParams) -> Data:
-    mark("enter")
-    return _linear_data(p)
+def _timed(recipe: Recipe, name: str) -> Recipe:
+    """`recipe`, logging when the worker loop starts (building data) and each training step."""
+
+    def build_data(p: RecipeParams) -> Data:
+        mark("enter")
+        return recipe.build_data(p)
+
+    def loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        mark("step")
+        return recipe.loss(outputs, targets)
+
+    return dataclasses.replace(recipe, build_data=build_data, loss=loss,
+                               description=f"{name}, logging when the worker loop starts and each step")
 
 
-def _timed_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    mark("step")
-    return nn.functional.cross_entropy(outputs, targets)
-
-
-timed_linear = Recipe(build_model=lambda p: nn.Linear(10, 2), build_data=_timed_data, loss=_timed_loss,
-                      default_lr=0.01, default_batch_size=16,
-                      description="tasks.recipes:linear, logging when the worker loop starts and each step")
-
-
-def _timed_big_data(p: RecipeParams) -> Data:
-    mark("enter")
-    return _big_data(p)
-
-
-def _timed_mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    mark("step")
-    return nn.functional.mse_loss(outputs, targets)
-
-
-timed_big = Recipe(build_model=_big_model, build_data=_timed_big_data, loss=_timed_mse,
-                   build_optimizer=big.build_optimizer, default_lr=1e-4, default_batch_size=16,
-                   description="bench.recipes:big, logging when the worker loop starts and each step")
+timed_linear = _timed(linear, "tasks.recipes:linear")
+timed_big = _timed(big, "bench.recipes:big")
