@@ -90,6 +90,21 @@ def test_staging_buffers_are_reused_from_one_save_to_the_next(tmp_path: Path):
     assert [m.step for m in store.list("run")] == [1, 2]
 
 
+def test_a_large_state_is_snapshotted_in_pieces_on_several_threads_exactly():
+    from ckpt.async_save import _PIECE, StagingBuffers
+
+    big = torch.randn(5 * _PIECE // 4 + 3)  # five pieces and a ragged end
+    strided = torch.randn(64, 64).t()  # not contiguous: copied whole
+    position = Position(epoch=0, batch_in_epoch=1, epoch_complete=False, step=1)
+    state = TrainingState(model={"big": big, "strided": strided}, position=position,
+                          optimizer={"state": {0: {"momentum_buffer": big * 2}}, "param_groups": [{"lr": 0.1}]})
+    expected = {name: bytes(blob) for name, blob in encode(state).items()}
+    snapshot = StagingBuffers().snapshot(state)
+    big.add_(1.0)  # training goes on: the snapshot must not see it
+    strided.mul_(3.0)
+    assert {name: bytes(blob) for name, blob in encode(snapshot).items()} == expected
+
+
 def test_the_next_save_waits_for_the_one_in_flight(tmp_path: Path):
     order: list[str] = []
 
