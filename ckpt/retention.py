@@ -17,7 +17,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
@@ -308,23 +308,25 @@ def _lease_is_live(store: CheckpointStore, lineage: str) -> bool:
 
 
 # ---- deleting ------------------------------------------------------------------------------
-def apply(store: CheckpointStore, retention_plan: RetentionPlan) -> RetentionPlan:
+def apply(store: CheckpointStore, retention_plan: RetentionPlan,
+          after_uncommit: Callable[[], None] | None = None) -> RetentionPlan:
     """Delete what `retention_plan` marks for deletion and return what was done.
 
     A checkpoint goes through `store.delete`, which removes the manifest first (un-commit), then
     the files: a crash part-way leaves a manifest-less folder that a later run removes once it is
     older than `uncommitted_ttl` (its files keep their old times), so re-running finishes the job.
+    `after_uncommit` runs inside each deletion, between manifest and files (failure injection).
     """
     done = list(retention_plan.kept)
     for lineage in sorted({d.lineage for d in retention_plan.deleted}):
         planned = [d for d in retention_plan.deleted if d.lineage == lineage]
-        done += _apply_lineage(store, retention_plan, lineage, planned)
+        done += _apply_lineage(store, retention_plan, lineage, planned, after_uncommit)
     done.sort(key=lambda d: (d.lineage, d.id, d.committed))
     return retention_plan.model_copy(update={"decisions": done, "applied": True})
 
 
 def _apply_lineage(store: CheckpointStore, retention_plan: RetentionPlan, lineage: str,
-                   planned: list[Decision]) -> list[Decision]:
+                   planned: list[Decision], after_uncommit: Callable[[], None] | None) -> list[Decision]:
     # Re-plan on a fresh listing right before deleting. Training only commits ids newer than the
     # latest, so a planned deletion cannot become the latest through training; it can if someone
     # deleted the newer ones since (another prune, `baton ckpt rm`), and a pin or a live lease may
@@ -346,13 +348,13 @@ def _apply_lineage(store: CheckpointStore, retention_plan: RetentionPlan, lineag
             reasons = [f"re-checked before deleting: {r}" for r in verdict.reasons]
             done.append(decision.model_copy(update={"action": "keep", "reasons": reasons}))
         else:
-            done.append(decision.model_copy(update={"bytes": _delete(store, decision)}))
+            done.append(decision.model_copy(update={"bytes": _delete(store, decision, after_uncommit)}))
     return done
 
 
-def _delete(store: CheckpointStore, decision: Decision) -> int:
+def _delete(store: CheckpointStore, decision: Decision, after_uncommit: Callable[[], None] | None) -> int:
     if decision.committed:
-        freed = store.delete(decision.lineage, decision.id)
+        freed = store.delete(decision.lineage, decision.id, after_uncommit)
     else:
         folder = store.path(decision.lineage, validate_checkpoint_id(decision.id))
         # A leftover that got its manifest since the re-check is a real checkpoint now: leave it.
@@ -365,12 +367,13 @@ def _delete(store: CheckpointStore, decision: Decision) -> int:
 
 
 def prune(store: CheckpointStore, policy: RetentionPolicy, lineage: str | None = None,
-          dry_run: bool = False, now: datetime | None = None) -> RetentionPlan:
+          dry_run: bool = False, now: datetime | None = None,
+          after_uncommit: Callable[[], None] | None = None) -> RetentionPlan:
     """Collect, plan and (unless `dry_run`) apply `policy` to one lineage or the whole store."""
     inputs = collect(store, lineage)
     planned = plan(policy, inputs.checkpoints, now or utcnow(), aliases=inputs.aliases,
                    leased=inputs.leased, uncommitted=inputs.uncommitted)
-    return planned if dry_run else apply(store, planned)
+    return planned if dry_run else apply(store, planned, after_uncommit)
 
 
 # ---- small helpers -------------------------------------------------------------------------

@@ -317,12 +317,13 @@ class CheckpointStore:
         self.fs.rm_file(path)
 
     # ---- deleting --------------------------------------------------------------------------
-    def delete(self, lineage: str, ckpt_id: str) -> int:
+    def delete(self, lineage: str, ckpt_id: str, after_uncommit: Callable[[], None] | None = None) -> int:
         """Un-commit (manifest first), then remove the files. Returns bytes freed.
 
         A marker goes in first: should the process die between the manifest and the last file,
         the leftover is known to be a deletion in progress (removable at once), not a save in
-        progress (which must be given its time-to-live).
+        progress (which must be given its time-to-live). `after_uncommit` runs between the two
+        (failure injection for tests and drills).
         """
         folder = self.path(lineage, validate_checkpoint_id(ckpt_id))
         manifest_path = f"{folder}/{MANIFEST_NAME}"
@@ -331,6 +332,8 @@ class CheckpointStore:
             # the uncommitted ttl like any other.
             self.fs.pipe_file(f"{folder}/{DELETING_MARKER}", b"")
             self.fs.rm_file(manifest_path)
+            if after_uncommit is not None:
+                after_uncommit()
         return self._remove_folder(folder)
 
     def _remove_folder(self, folder: str) -> int:

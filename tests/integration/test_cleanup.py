@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -123,13 +124,19 @@ def test_a_cleanup_killed_mid_delete_is_finished_by_the_next_run_and_the_store_v
     _commit_many(store, "many", 1200)
     args = ["cleanup", store.url, "--lineage", "many", "--keep-last", "5"]
     log = workdir / "cleanup.log"
-    proc = start_baton(args, cluster_env, workdir, log)
+    # Baton's failure injection: SIGKILL in the middle of the 100th deletion (manifest gone, files
+    # not). Waiting to kill it from outside raced a cleanup that now deletes 1,200 checkpoints in
+    # well under a second.
+    proc = start_baton(args, dict(cluster_env, BATON_FAIL_CLEANUP_AFTER="100"), workdir, log)
     try:
-        wait_for(lambda: len(store._manifest_paths("many")) < 1190, 120, "deletion to start", proc, log)
+        assert proc.wait(180) == -signal.SIGKILL, log.read_text()[-3000:]
     finally:
         kill_group(proc)
     left = len(store.list("many"))
-    assert 5 < left < 1200, f"the kill did not land mid-delete ({left} left)"
+    assert left == 1200 - 100, f"the kill did not land in the 100th deletion ({left} left)"
+    half_deleted = store.uncommitted("many")
+    assert list(half_deleted.values()) == [float("inf")], half_deleted  # known as a deletion in progress
+    assert set(half_deleted) < {f.name for f in (workdir / "ckpts" / "many").iterdir()}  # files still there
     out = run_baton(args, cluster_env, workdir)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert [m.epoch for m in store.list("many")] == list(range(1195, 1200))
