@@ -83,16 +83,16 @@ def write_file(fs, path: str, data) -> FileEntry:
     `data` is bytes, a buffer or a Blob (written piece by piece, never joined on disk). Each chunk
     is hashed on the hashing threads while the next one is written."""
     blob = data if isinstance(data, Blob) else Blob([data])
-    known = blob._sha256.get(CHUNK)
-    hasher = None if known else ChunkHasher(CHUNK)
+    # Always hashed as written, even when the blob was hashed before: its memory may have changed
+    # since (a Blob is a view of tensors), and the manifest must describe the bytes on disk.
+    hasher = ChunkHasher(CHUNK)
     if is_local(fs):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             offset = 0
             for parts in blob.chunks(CHUNK):
-                if hasher is not None:
-                    hasher.add(parts)
+                hasher.add(parts)
                 start = offset
                 for part in parts:
                     written = 0
@@ -105,14 +105,13 @@ def write_file(fs, path: str, data) -> FileEntry:
         finally:
             os.close(fd)
     else:
-        if hasher is not None:
-            for parts in blob.chunks(CHUNK):
-                hasher.add(parts)
-        fs.pipe_file(path, bytes(blob))
-    if hasher is not None:
-        known = hasher.hexdigest()
-        blob.remember_sha256(CHUNK, known)
-    return FileEntry(size=blob.size, sha256=known, chunk_size=CHUNK)
+        payload = bytes(blob)  # what is uploaded is what is hashed
+        for parts in Blob([payload]).chunks(CHUNK):
+            hasher.add(parts)
+        fs.pipe_file(path, payload)
+    sha256 = hasher.hexdigest()
+    blob.remember_sha256(CHUNK, sha256)
+    return FileEntry(size=blob.size, sha256=sha256, chunk_size=CHUNK)
 
 
 def write_atomic(fs, path: str, data: bytes) -> None:

@@ -136,3 +136,14 @@ def test_a_checkpoint_of_manifest_schema_1_whole_file_sha256_still_verifies_and_
     raw[len(raw) // 2] ^= 1
     store.fs.pipe_file(path, bytes(raw))
     assert store.verify(again) and "sha256" in store.verify(again)[0]
+
+
+def test_a_blob_changed_after_it_was_hashed_is_hashed_again_when_written(tmp_path):
+    tensor = torch.zeros(1000)
+    blob = serialize({"w": tensor})
+    before = blob.sha256()
+    tensor.add_(1.0)  # a Blob is a view: training changed the bytes since
+    fs, root, _ = _io.open_filesystem(str(tmp_path))
+    entry = _io.write_file(fs, f"{root}/f", blob)
+    assert entry.sha256 != before
+    assert _io.hash_file(fs, f"{root}/f") == (entry.size, entry.sha256)
