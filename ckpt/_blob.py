@@ -26,7 +26,9 @@ _pool_lock = threading.Lock()
 
 
 def hash_pool() -> ThreadPoolExecutor:
-    """One process-wide pool of hashing threads (made again in a forked child)."""
+    """One process-wide pool of I/O helper threads: chunk hashing, and the async saver's snapshot
+    copies, which never overlap it (a snapshot waits for the previous save). Made again in a
+    forked child."""
     global _pool, _pool_pid
     with _pool_lock:
         if _pool is None or _pool_pid != os.getpid():
@@ -50,9 +52,11 @@ class ChunkHasher:
         self._futures: list[Future[bytes]] = []
         self._pool = hash_pool()
 
-    def add(self, parts: list[memoryview]) -> None:
-        """Hash the next chunk in the background; its buffers must stay unchanged until `hexdigest`."""
-        self._futures.append(self._pool.submit(_digest_parts, parts))
+    def add(self, parts: list[memoryview]) -> Future[bytes]:
+        """Hash the next chunk in the background; its buffers must stay unchanged until it is done."""
+        future = self._pool.submit(_digest_parts, parts)
+        self._futures.append(future)
+        return future
 
     def hexdigest(self) -> str:
         return hashlib.sha256(b"".join(f.result() for f in self._futures)).hexdigest()

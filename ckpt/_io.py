@@ -214,8 +214,7 @@ def hash_file(fs, path: str, chunk_size: int | None = CHUNK) -> tuple[int, str]:
             count = _read_into(handle, view)
             if count == 0 and size > 0:
                 break
-            hasher.add([view[:count]])
-            pending[slot] = hasher._futures[-1]
+            pending[slot] = hasher.add([view[:count]])
             size += count
             index += 1
             if count < chunk_size:

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Generic, TypeVar
 
 import torch
 
+from ._blob import hash_pool
 from .errors import CheckpointError
 from .state import RankRNG, TrainingState
 
@@ -34,16 +33,6 @@ class AsyncSaveFailed(CheckpointError):
 
 
 _PIECE = 16 * 2**20  # bytes per copy job
-_pool: ThreadPoolExecutor | None = None
-_pool_pid = 0
-
-
-def _copy_pool() -> ThreadPoolExecutor:
-    global _pool, _pool_pid
-    if _pool is None or _pool_pid != os.getpid():
-        _pool = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)), thread_name_prefix="baton-stage")
-        _pool_pid = os.getpid()
-    return _pool
 
 
 class StagingBuffers:
@@ -89,7 +78,7 @@ class StagingBuffers:
             for buffer, tensor in pieces:
                 buffer.copy_(tensor, non_blocking=tensor.is_cuda)
             return
-        list(_copy_pool().map(lambda job: job[0].copy_(job[1], non_blocking=job[1].is_cuda), pieces))
+        list(hash_pool().map(lambda job: job[0].copy_(job[1], non_blocking=job[1].is_cuda), pieces))
 
     def _copy(self, value: Any, key: str) -> Any:
         if isinstance(value, torch.Tensor):
