@@ -1,6 +1,6 @@
 """A checkpoint writer for the crash-safety tests, run as its own process.
 
-    python tests/unit/_writer.py STORE_URL
+    python tests/ckpt/_writer.py STORE_URL
 
 It encodes one training state of a few MB, prints ``ready``, then for each lineage name read from
 stdin forks a child that commits checkpoints of that lineage in a loop (epoch 1, 2, ...) until it

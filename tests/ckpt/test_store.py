@@ -466,7 +466,7 @@ CRASH_TRIALS = 20
 
 
 class Writer:
-    """tests/unit/_writer.py: a separate process that forks one committing child per trial."""
+    """tests/ckpt/_writer.py: a separate process that forks one committing child per trial."""
 
     def __init__(self, url: str):
         self.child: int | None = None
