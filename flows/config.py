@@ -5,9 +5,11 @@ Field names match the command-line flags (`epochs_per_block` for `--epochs-per-b
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -18,6 +20,19 @@ from tasks.recipes import RecipeError, RecipeParams, load_recipe
 from tasks.spec import BlockSpec, FailureInjection
 
 DEFAULT_RECIPE = "tasks.recipes:linear"
+
+
+@contextlib.contextmanager
+def _cwd_importable():
+    """A user's loop in the current folder imports, as with `python -m`."""
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.insert(0, os.getcwd())
+    try:
+        yield
+    finally:
+        if added and os.getcwd() in sys.path:
+            sys.path.remove(os.getcwd())
 
 
 def safe_lineage(value: str | None) -> str | None:
@@ -67,6 +82,17 @@ class TrainConfig(BaseModel):
         "PACK", description="How Ray places the workers over nodes (SPREAD puts them on different nodes).")
     sample_log: str | None = Field(None, description="Local folder for an audit log of the samples each rank "
                                    "trained on (one JSON line per batch).")
+    loop: str | None = Field(None, description="Your own training loop, `train_loop(ctx)`, as module:attr (the "
+                             "current folder is importable); unset: the recipe's built-in loop.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Free-form settings for your loop or "
+                                    "recipe (ctx.options / params.options); part of the lineage's config hash.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker; also each worker's torch "
+                                   "thread count (keep it unchanged across resumes for bit-exact results).")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker: > 0 trains on GPUs with NCCL, "
+                                   "0 on CPUs with gloo.")
+    datasets: dict[str, str] = Field(default_factory=dict, description="Ray Data sets for the loop's "
+                                     "ctx.dataset_shard(name): name -> module:attr of a function(params) "
+                                     "returning a ray.data.Dataset.")
 
     @field_validator("lineage")
     @classmethod
@@ -84,6 +110,19 @@ class TrainConfig(BaseModel):
                     validate_name(selector, "checkpoint id or alias")
             except InvalidName as err:
                 raise ValueError(f"{err} (init_from is LINEAGE[@ID|@latest|@best|@ALIAS])") from None
+        return value
+
+    @field_validator("loop")
+    @classmethod
+    def _loop_imports(cls, value: str | None) -> str | None:
+        if value is not None:
+            from tasks.worker import LoopNotFound, load_loop
+
+            try:
+                with _cwd_importable():
+                    load_loop(value)
+            except LoopNotFound as err:
+                raise ValueError(str(err)) from None
         return value
 
     @field_validator("recipe")
@@ -104,12 +143,15 @@ class TrainConfig(BaseModel):
     def recipe_params(self) -> RecipeParams:
         recipe = load_recipe(self.recipe)
         return RecipeParams(seed=self.seed, lr=self.lr or recipe.default_lr,
-                            batch_size=self.batch_size or recipe.default_batch_size, epochs=self.epochs)
+                            batch_size=self.batch_size or recipe.default_batch_size, epochs=self.epochs,
+                            options=self.options)
 
     def config_hash(self) -> str:
         """What makes two runs the same training: recipe, hyper-parameters and world size."""
         key = {"recipe": self.recipe, "params": self.recipe_params().model_dump(exclude={"epochs"}),
                "workers": self.workers}
+        if self.loop:
+            key.update(loop=self.loop, cpus_per_worker=self.cpus_per_worker)
         if self.init_from:
             key.update(init_from=self.init_from, init_mode=self.init_mode)
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -117,7 +159,9 @@ class TrainConfig(BaseModel):
     def resolved_lineage(self) -> str:
         if self.lineage:
             return self.lineage
-        short = self.recipe.rsplit(":", 1)[-1].replace("_", "-")
+        short = (self.loop or self.recipe).rsplit(":", 1)[-1].replace("_", "-")
+        if self.loop:
+            short = self.loop.split(":", 1)[0].rsplit(".", 1)[-1].replace("_", "-")
         return f"{short}-{self.config_hash()[:8]}"
 
     def blocks(self, fence: int = 0) -> list[BlockSpec]:
@@ -133,6 +177,7 @@ class TrainConfig(BaseModel):
                       fail=self.fail, init_from=self.init_from, init_mode=self.init_mode,
                       sample_log=self.sample_log and os.path.abspath(self.sample_log),
                       checkpoint_mode=self.checkpoint_mode, placement_strategy=self.placement_strategy,
-                      prune=self.prune)
+                      prune=self.prune, loop=self.loop, cpus_per_worker=self.cpus_per_worker,
+                      gpus_per_worker=self.gpus_per_worker, datasets=self.datasets, import_paths=[os.getcwd()])
             for i, start in enumerate(range(0, self.epochs, self.epochs_per_block))
         ]

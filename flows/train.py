@@ -38,7 +38,7 @@ class TrainSummary(BaseModel):
 # store, the way the driver sees them; their values are never logged.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                  "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
-                 "BATON_TEST_OMIT_STATE")
+                 "BATON_FAULT_OMIT_STATE")
 
 
 def ray_task_runner(address: str | None = None) -> RayTaskRunner:

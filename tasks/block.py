@@ -78,9 +78,30 @@ def _warn_if_store_not_shared(store: CheckpointStore, logger) -> None:
                        ", ".join(hosts))
 
 
+def _scaling(spec: BlockSpec):
+    from ray.train import ScalingConfig
+
+    resources = {"CPU": spec.cpus_per_worker}
+    if spec.gpus_per_worker:
+        resources["GPU"] = spec.gpus_per_worker
+    # use_gpu picks NCCL and puts each worker on its own device (ray.train.torch.get_device()).
+    return ScalingConfig(num_workers=spec.workers, use_gpu=spec.gpus_per_worker > 0,
+                         resources_per_worker=resources, placement_strategy=spec.placement_strategy)
+
+
+def _datasets(spec: BlockSpec) -> dict | None:
+    """Ray Data sets named in the config, built on the driver and split over the workers by Ray Train."""
+    if not spec.datasets:
+        return None
+    from .worker import _importable, load_loop
+
+    _importable(spec.import_paths)
+    return {name: load_loop(path)(spec.params) for name, path in spec.datasets.items()}
+
+
 def run_block(spec: BlockSpec, logger) -> tuple[CheckpointRef, bool]:
     """Train the block unless the store already has it. Returns (latest ref, trained?)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     store = CheckpointStore(spec.store, spec.storage_options)
@@ -99,8 +120,8 @@ def run_block(spec: BlockSpec, logger) -> tuple[CheckpointRef, bool]:
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config=spec.model_dump(mode="json"),
-        scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=False,
-                                     placement_strategy=spec.placement_strategy),
+        scaling_config=_scaling(spec),
+        datasets=_datasets(spec),
         run_config=RunConfig(name=f"baton-{spec.lineage}-block{spec.index}-{uuid.uuid4().hex[:8]}",
                              failure_config=FailureConfig(max_failures=spec.max_failures)),
     )

@@ -62,3 +62,9 @@ class BlockSpec(BaseModel):
     checkpoint_mode: Literal["sync", "async"] = "sync"
     prune: RetentionPolicy | None = None
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    loop: str | None = Field(None, description="The user's `train_loop(ctx)` as module:attr; None: the recipe loop.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker; also the torch thread count.")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (NCCL when > 0, else gloo).")
+    datasets: dict[str, str] = Field(default_factory=dict, description="Ray Data sets: name -> module:attr of a "
+                                     "function(params) returning a ray.data.Dataset.")
+    import_paths: list[str] = Field(default_factory=list, description="Folders made importable in the workers.")

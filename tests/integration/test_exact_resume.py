@@ -129,7 +129,7 @@ def _work_lost_per_kill(entries: list[dict], snapshots: list[int]) -> list[int]:
 
 def test_the_equality_test_bites_when_the_rng_state_is_left_out_of_the_restore(baseline, cluster_env, workdir):
     store = str(workdir / "ckpts")
-    env = dict(cluster_env, BATON_TEST_OMIT_STATE="rng")
+    env = dict(cluster_env, BATON_FAULT_OMIT_STATE="rng")
     _train(store, "omit", env, workdir)
     manifest, _ = _final(store, "omit")
     assert manifest.digest != baseline[0].digest

@@ -1,0 +1,78 @@
+"""User training loops written the way a Baton user writes them (not Baton's built-in loop): used
+by the in-process tests here and, by import path, by the Ray integration tests."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+
+class Noisy(Dataset):
+    """256 samples whose features depend only on the index (safe in loader worker processes)."""
+
+    def __len__(self) -> int:
+        return 256
+
+    def __getitem__(self, index: int):
+        generator = torch.Generator().manual_seed(index)
+        x = torch.randn(12, generator=generator)
+        return x, int(x.sum() > 0)
+
+
+def two_optimizers(ctx) -> None:
+    """DataLoader with 2 worker processes, two optimizers, a GradScaler, dropout, a scheduler,
+    extra JSON state; `step_seconds` in ctx.options slows steps down for kill tests."""
+    encoder = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Dropout(0.2))
+    head = nn.Linear(32, 2)
+    model = nn.Sequential(encoder, head)
+    opt_encoder = torch.optim.SGD(encoder.parameters(), lr=0.05, momentum=0.9)
+    opt_head = torch.optim.Adam(head.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt_encoder, step_size=1, gamma=0.7)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    state = ctx.restore(model=model, optimizer=opt_encoder, scheduler=scheduler, scaler=scaler,
+                        head_optimizer=opt_head, state={"seen": 0})
+    net = ctx.prepare_model(model) if ctx.world_size > 1 else model
+    loader = ctx.loader(Noisy(), batch_size=8, num_workers=int(ctx.options.get("num_workers", 2)))
+    pause = float(ctx.options.get("step_seconds", 0))
+    for _ in ctx.epochs():
+        for x, y in loader:
+            opt_encoder.zero_grad()
+            opt_head.zero_grad()
+            loss = nn.functional.cross_entropy(net(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt_encoder)
+            scaler.step(opt_head)
+            scaler.update()
+            state["seen"] += len(y)
+            if pause:
+                time.sleep(pause)
+            ctx.step(loss=loss.item())
+        scheduler.step()
+        ctx.end_epoch()
+
+
+def plain_loader(ctx) -> None:
+    """Negative control: the same model fed by a plain DataLoader, whose position Baton cannot save."""
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    ctx.restore(model=model, optimizer=optimizer)
+    loader = torch.utils.data.DataLoader(Noisy(), batch_size=8, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
+    for _ in ctx.epochs():
+        for x, y in loader:
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            ctx.step(loss=loss.item())
+        ctx.end_epoch()
+
+
+def returns_early(ctx) -> None:
+    model = nn.Linear(2, 2)
+    ctx.restore(model=model)
+    for _ in ctx.epochs():
+        return
