@@ -1,7 +1,12 @@
-"""`baton ckpt ...`: inspect and manage a checkpoint store."""
+"""`baton ckpt ...`: inspect and manage a checkpoint store.
+
+Imports neither Prefect nor Ray: these commands read the store directly and answer in about a
+second, with no server.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Optional
 
@@ -11,13 +16,23 @@ from rich.table import Table
 
 from ckpt import CheckpointError, CheckpointStore, Manifest
 
-app = typer.Typer(help="Inspect and manage committed checkpoints.", no_args_is_help=True)
+# Help texts are shown as written: rich markup would eat `[@ID|@latest|@best|@ALIAS]`.
+app = typer.Typer(help="Inspect and manage committed checkpoints.", no_args_is_help=True,
+                  rich_markup_mode=None)
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, highlight=False)
+
+
+class StoreNotFound(CheckpointError):
+    """The store's root does not exist: a typo in the path, or nothing was ever committed there."""
 
 
 def _store(url: str) -> CheckpointStore:
-    return CheckpointStore(url)
+    store = CheckpointStore(url)
+    if not store.fs.exists(store.root):
+        raise StoreNotFound(f"no checkpoint store at {store.url}: check the path (a store is the folder or "
+                            "URL given to `baton train --store`, ./checkpoints by default)")
+    return store
 
 
 def _lineages(store: CheckpointStore, lineage: Optional[str]) -> list[str]:
@@ -33,51 +48,76 @@ def _item(store: CheckpointStore, m: Manifest) -> dict:
 
 def _guard(fn):
     """Checkpoint errors become a one-line message and exit code 2, not a traceback."""
-    import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except CheckpointError as err:
-            err_console.print(f"[red]{err}[/red]")
+            err_console.print(str(err), style="red", markup=False, soft_wrap=True)
             raise typer.Exit(2) from None
     return wrapper
 
 
+def _table(store: CheckpointStore, lineage: str, items: list[dict]) -> Table:
+    # Ids are what a user copies into `show`, `pin` and `rm`: never cut. Other columns fold instead.
+    width = max(len(it["id"]) for it in items)
+    table = Table(title=f"{lineage} in {store.url}", title_justify="left")
+    table.add_column("id", no_wrap=True, min_width=width, overflow="ignore")
+    table.add_column("epoch", justify="right", min_width=5)
+    table.add_column("step", justify="right", min_width=4)
+    table.add_column("metrics", overflow="fold", min_width=12)
+    table.add_column("created (UTC)", overflow="fold", min_width=10)
+    table.add_column("digest", no_wrap=True, min_width=8)
+    for it in items:
+        metrics = "\n".join(f"{k}={v:.4g}" for k, v in sorted(it["metrics"].items()))
+        table.add_row(it["id"], str(it["epoch"]), str(it["step"]), metrics,
+                      it["created_at"][:19].replace("T", " "), it["digest"][:8])
+    return table
+
+
 @app.command("ls")
 @_guard
-def ls(store: str, lineage: Optional[str] = typer.Option(None), as_json: bool = typer.Option(False, "--json")) -> None:
-    """List committed checkpoints, oldest first."""
+def ls(store: str = typer.Argument(..., help="Checkpoint store: folder or fsspec URL."),
+       lineage: Optional[str] = typer.Option(None, help="Only this lineage (default: all)."),
+       as_json: bool = typer.Option(False, "--json", help="Print every checkpoint as JSON.")) -> None:
+    """List committed checkpoints, oldest first, one table per lineage."""
     st = _store(store)
-    items = [_item(st, m) for name in _lineages(st, lineage) for m in st.list(name)]
+    by_lineage = {name: [_item(st, m) for m in st.list(name)] for name in _lineages(st, lineage)}
     if as_json:
-        print(json.dumps(items, indent=2))
+        print(json.dumps([it for items in by_lineage.values() for it in items], indent=2))
         return
-    table = Table(title=f"checkpoints in {st.url}")
-    for column in ("lineage", "id", "epoch", "step", "metrics", "created", "digest"):
-        table.add_column(column)
-    for it in items:
-        metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(it["metrics"].items()))
-        table.add_row(it["lineage"], it["id"], str(it["epoch"]), str(it["step"]), metrics,
-                      it["created_at"][:19], it["digest"][:12])
-    console.print(table)
+    if not any(by_lineage.values()):
+        console.print(f"no committed checkpoints in {st.url}" + (f" for lineage {lineage}" if lineage else ""),
+                      markup=False, highlight=False)
+        return
+    for name, items in by_lineage.items():
+        if items:
+            console.print(_table(st, name, items))
 
 
 @app.command()
 @_guard
-def show(store: str, lineage: str, which: str = typer.Argument("latest", help="ID, latest, best or an alias."),
-         metric: str = "loss", mode: str = "min") -> None:
-    """Show one checkpoint's manifest."""
+def show(store: str = typer.Argument(..., help="Checkpoint store: folder or fsspec URL."),
+         lineage: str = typer.Argument(..., help="Lineage name."),
+         which: str = typer.Argument("latest", help="ID, latest, best or an alias."),
+         metric: str = typer.Option("loss", help="Metric that decides `best`."),
+         mode: str = typer.Option("min", help="min or max, for `best`.")) -> None:
+    """Show one checkpoint: its manifest, location and aliases, each fact once (JSON)."""
     st = _store(store)
     manifest = st.resolve(lineage, which, metric=metric, mode=mode)
-    print(json.dumps({**_item(st, manifest), "manifest": manifest.model_dump(mode="json"),
-                      "aliases": [a for a, i in st.aliases(lineage).items() if i == manifest.id]}, indent=2))
+    body = manifest.model_dump(mode="json")
+    shown = {"lineage": body.pop("lineage"), "id": body.pop("id"), "epoch": manifest.epoch,
+             "step": manifest.step, "epochs_done": manifest.epochs_done, "uri": st.uri(lineage, manifest.id),
+             "aliases": [a for a, i in st.aliases(lineage).items() if i == manifest.id],
+             "bytes": manifest.total_bytes, **body}
+    print(json.dumps(shown, indent=2))
 
 
 @app.command()
 @_guard
-def verify(store: str, lineage: Optional[str] = typer.Option(None)) -> None:
+def verify(store: str = typer.Argument(..., help="Checkpoint store: folder or fsspec URL."),
+           lineage: Optional[str] = typer.Option(None, help="Only this lineage (default: all).")) -> None:
     """Check sizes and sha256 of every committed file; exit 1 listing every failure."""
     st = _store(store)
     problems, count = [], 0
@@ -85,37 +125,46 @@ def verify(store: str, lineage: Optional[str] = typer.Option(None)) -> None:
         count += len(st.list(name))
         problems += st.verify_lineage(name)
     for problem in problems:
-        console.print(f"[red]FAIL[/red] {problem}")
+        console.print(f"[red]FAIL[/red] {problem}", highlight=False)
     if problems:
         raise typer.Exit(1)
-    console.print(f"[green]ok[/green]: {count} committed checkpoint(s) verified in {st.url}")
+    console.print(f"[green]ok[/green]: {count} committed checkpoint(s) verified in {st.url}", highlight=False)
 
 
 @app.command()
 @_guard
-def pin(store: str, lineage: str, checkpoint: str, alias: str = typer.Option(..., "--alias")) -> None:
+def pin(store: str = typer.Argument(..., help="Checkpoint store: folder or fsspec URL."),
+        lineage: str = typer.Argument(..., help="Lineage name."),
+        checkpoint: str = typer.Argument(..., help="Checkpoint id."),
+        alias: str = typer.Option(..., "--alias", help="Alias name, e.g. production.")) -> None:
     """Pin a checkpoint under an alias (pinned checkpoints are never pruned)."""
     _store(store).pin(lineage, checkpoint, alias)
-    console.print(f"pinned {lineage}/{checkpoint} as {alias}")
+    console.print(f"pinned {lineage}/{checkpoint} as {alias}", markup=False, highlight=False)
 
 
 @app.command()
 @_guard
-def unpin(store: str, lineage: str, alias: str = typer.Option(..., "--alias")) -> None:
+def unpin(store: str = typer.Argument(..., help="Checkpoint store: folder or fsspec URL."),
+          lineage: str = typer.Argument(..., help="Lineage name."),
+          alias: str = typer.Option(..., "--alias", help="Alias to remove.")) -> None:
     """Remove an alias."""
     _store(store).unpin(lineage, alias)
-    console.print(f"removed alias {alias} of {lineage}")
+    console.print(f"removed alias {alias} of {lineage}", markup=False, highlight=False)
 
 
 @app.command()
 @_guard
-def rm(store: str, lineage: str, checkpoint: str, force: bool = typer.Option(False, "--force", help="Also remove a pinned checkpoint.")) -> None:
+def rm(store: str = typer.Argument(..., help="Checkpoint store: folder or fsspec URL."),
+       lineage: str = typer.Argument(..., help="Lineage name."),
+       checkpoint: str = typer.Argument(..., help="Checkpoint id."),
+       force: bool = typer.Option(False, "--force", help="Also remove a pinned checkpoint.")) -> None:
     """Delete one checkpoint (manifest first, then its files)."""
     st = _store(store)
     st.manifest(lineage, checkpoint)
     pinned = [a for a, i in st.aliases(lineage).items() if i == checkpoint]
     if pinned and not force:
-        err_console.print(f"[red]{lineage}/{checkpoint} is pinned as {', '.join(pinned)}; unpin it or pass --force[/red]")
+        err_console.print(f"{lineage}/{checkpoint} is pinned as {', '.join(pinned)}; unpin it or pass --force",
+                          style="red", markup=False)
         raise typer.Exit(2)
     freed = st.delete(lineage, checkpoint)
-    console.print(f"deleted {lineage}/{checkpoint} ({freed} bytes)")
+    console.print(f"deleted {lineage}/{checkpoint} ({freed} bytes)", markup=False, highlight=False)

@@ -14,8 +14,10 @@ from rich.console import Console
 
 from .ckpt_cli import app as ckpt_app
 
+# Help texts are shown as written: rich markup would eat `[@ID|@latest|@best|@ALIAS]` and `[default: ...]`.
 app = typer.Typer(help="Baton: PyTorch training in epoch blocks on Ray, orchestrated by Prefect, "
-                  "resumable from any interruption.", no_args_is_help=True, add_completion=False)
+                  "resumable from any interruption.", no_args_is_help=True, add_completion=False,
+                  rich_markup_mode=None)
 app.add_typer(ckpt_app, name="ckpt")
 console = Console()
 err_console = Console(stderr=True)
