@@ -8,7 +8,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ckpt import RetentionPlan, RetentionPolicy
+from ckpt import CheckpointStore, RetentionPlan, RetentionPolicy, prune
 from tasks.prune import prune_store
 
 from .config import safe_lineage
@@ -43,6 +43,14 @@ def _publish(result: RetentionPlan, config: CleanupConfig) -> None:
         f"- deleted: {len(result.deleted)}\n- kept: {len(result.kept)}\n"
         f"- bytes {'that would be ' if config.dry_run else ''}freed: {result.bytes_freed:,}\n",
         key="cleanup-summary")
+
+
+def prune_here(config: CleanupConfig) -> RetentionPlan:
+    """The same prune as the flow's, in this process with no Prefect run around it: what
+    `baton cleanup` does when no Prefect server is configured (a temporary server would take
+    10-20 s to start for a prune that takes a fraction of a second, and nobody would see its UI)."""
+    store = CheckpointStore(config.store, config.storage_options)
+    return prune(store, config.policy, config.lineage, dry_run=config.dry_run)
 
 
 @flow(name="cleanup")

@@ -155,8 +155,9 @@ def cleanup(
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan and report; delete nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print every decision as JSON."),
 ) -> None:
-    """Prune checkpoints by a retention policy (the `cleanup` flow). Always kept: the latest of each
-    lineage, pinned checkpoints, and those a live training run may be using."""
+    """Prune checkpoints by a retention policy. Always kept: the latest of each lineage, pinned
+    checkpoints, and those a live training run may be using. With a Prefect server (PREFECT_API_URL)
+    it runs as the `cleanup` flow and publishes its decisions; without one, it prunes directly."""
     from .cleanup import CleanupConfig
 
     policy = {k: v for k, v in dict(keep_last=keep_last, keep_best=keep_best, metric=metric, mode=mode,
@@ -167,15 +168,20 @@ def cleanup(
     except ValidationError as err:
         _print_errors(err)
         raise typer.Exit(2) from None
-    from .cleanup import cleanup as cleanup_flow
+    from prefect.settings import get_current_settings
 
-    result = _run_flow(cleanup_flow, config=config)
+    from .cleanup import cleanup as cleanup_flow, prune_here
+
+    # With a Prefect server, the flow run publishes its decisions (artifacts) and logs each one;
+    # without one, the prune runs here, once, and this command prints each decision.
+    as_flow = bool(get_current_settings().api.url)
+    result = _run_flow(cleanup_flow, config=config) if as_flow else prune_here(config)
     if as_json:
         print(result.model_dump_json(indent=2))
         return
     verb = "would delete" if dry_run else "deleted"
-    for d in result.deleted:
-        console.print(f"{verb} {d.lineage}/{d.id}: {'; '.join(d.reasons)}")
+    for d in [] if as_flow else result.deleted:
+        console.print(f"{verb} {d.lineage}/{d.id}: {'; '.join(d.reasons)}", markup=False, highlight=False)
     console.print(f"{verb} {len(result.deleted)}, kept {len(result.kept)}, "
                   f"{'would free' if dry_run else 'freed'} {result.bytes_freed:,} bytes")
 
