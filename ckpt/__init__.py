@@ -1,14 +1,21 @@
 """Baton's checkpoint library: a store over fsspec with an atomic commit protocol, verification,
 lineage queries, a single-writer lease, and the training state format. No Prefect, no Ray."""
 
+from . import faults
 from .errors import (
     CheckpointCorrupted,
     CheckpointError,
     CheckpointExists,
     CheckpointNotFound,
+    InjectedFault,
+    InvalidArgument,
+    InvalidFault,
     InvalidName,
     LeaseHeld,
     LeaseLost,
+    LeaseUnreadable,
+    ManifestUnreadable,
+    UnreadableFile,
 )
 from .lease import Lease, LeaseRecord
 from .manifest import CheckpointRef, FileEntry, Manifest, Position
@@ -20,9 +27,10 @@ from .store import CheckpointStore
 
 __all__ = [
     "CheckpointCorrupted", "CheckpointError", "CheckpointExists", "CheckpointNotFound",
-    "CheckpointRef", "CheckpointStore", "Decision", "FileEntry", "InvalidName", "Lease", "LeaseHeld",
-    "LeaseLost", "LeaseRecord", "Manifest", "Position", "RankRNG", "ResumableSampler",
-    "RetentionPlan", "RetentionPolicy", "apply", "collect", "plan", "prune",
+    "CheckpointRef", "CheckpointStore", "Decision", "FileEntry", "InjectedFault", "InvalidArgument",
+    "InvalidFault", "InvalidName", "Lease", "LeaseHeld", "LeaseLost", "LeaseRecord", "LeaseUnreadable",
+    "Manifest", "ManifestUnreadable", "Position", "RankRNG", "ResumableSampler",
+    "RetentionPlan", "RetentionPolicy", "UnreadableFile", "apply", "collect", "faults", "plan", "prune",
     "TrainingState", "capture_rng", "checkpoint_id", "decode", "encode", "model_digest",
     "restore_rng", "validate_name",
 ]

@@ -7,11 +7,15 @@ small documents that must appear atomically, and multipart uploads for large fil
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import mmap
 import os
+import re
 import sys
+import time
 import uuid
+from datetime import datetime, timezone
 from typing import Any
 
 import fsspec
@@ -120,13 +124,12 @@ def write_atomic(fs, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
         return
     directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    tmp = _write_temp(directory, path, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
     # The rename itself must survive a power cut before the checkpoint counts as committed.
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
@@ -135,23 +138,54 @@ def write_atomic(fs, path: str, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def write_exclusive(fs, path: str, data: bytes) -> bool:
-    """Create `path` only if absent (O_EXCL on disk, If-None-Match on S3). False if it existed."""
-    if is_local(fs):
-        # Written aside, then hard-linked into place: a reader never sees the file half-written.
-        directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+def _write_temp(directory: str, path: str, data: bytes) -> str:
+    """Write `data` durably to a temporary file next to `path` (named by `temp_name`).
+
+    A failed write (disk full) removes its temporary file; one left by a killed process is
+    removed by retention's leftover sweep once older than its ttl."""
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, temp_name(os.path.basename(path)))
+    try:
         with open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return tmp
+
+
+_TEMP = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")
+
+
+def temp_name(name: str) -> str:
+    return f".{name}.{uuid.uuid4().hex}.tmp"
+
+
+def is_temp_name(name: str) -> bool:
+    """True for the name of a temporary file of `write_atomic` / `write_exclusive`."""
+    return _TEMP.fullmatch(name) is not None
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def write_exclusive(fs, path: str, data: bytes) -> bool:
+    """Create `path` only if absent (O_EXCL on disk, If-None-Match on S3). False if it existed."""
+    if is_local(fs):
+        # Written aside, then hard-linked into place: a reader never sees the file half-written.
+        tmp = _write_temp(os.path.dirname(path), path, data)
         try:
             os.link(tmp, path)
         except FileExistsError:
             return False
         finally:
-            os.unlink(tmp)
+            _unlink_quietly(tmp)
         return True
     if fs.exists(path):
         return False
@@ -246,3 +280,67 @@ def read_bytes(fs, path: str) -> bytes:
         with open(path, "rb") as handle:
             return handle.read()
     return fs.cat_file(path)
+
+
+def remove_local_tree(folder: str, last: str | None = None) -> int:
+    """Remove a local folder and everything in it, the file named `last` last; bytes freed.
+
+    Several cleanups may remove the same folder at once: whatever is already gone counts as
+    removed, never as an error (only what this call unlinked counts as freed)."""
+    freed = 0
+    for _ in range(3):  # another deleter may drop a file in (its deletion marker) while we empty it
+        freed += _empty_local_folder(folder, last)
+        try:
+            os.rmdir(folder)
+            return freed
+        except FileNotFoundError:
+            return freed
+        except OSError as err:
+            if err.errno != errno.ENOTEMPTY:
+                raise
+    return freed  # still refilled: left for the next cleanup, which sees it as a leftover
+
+
+def _empty_local_folder(folder: str, last: str | None) -> int:
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name == last)
+    except FileNotFoundError:
+        return 0
+    freed = 0
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                freed += remove_local_tree(entry.path, last)
+            else:
+                size = entry.stat(follow_symlinks=False).st_size
+                os.unlink(entry.path)
+                freed += size
+        except FileNotFoundError:
+            continue
+    return freed
+
+
+def remove_remote_files(fs, folder: str, last: str | None = None) -> int:
+    """Remove every object under `folder` on an object store, the one named `last` last."""
+    try:
+        files = fs.find(folder, detail=True)
+    except FileNotFoundError:
+        return 0
+    freed = 0
+    for path in sorted(files, key=lambda p: p.rsplit("/", 1)[-1] == last):
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            continue
+        freed += int(files[path].get("size") or 0)
+    return freed
+
+
+def mtime(info: dict) -> float:
+    """Modification time of an fsspec listing entry, whatever the backend calls it."""
+    value = info.get("mtime") or info.get("LastModified") or info.get("created")
+    if isinstance(value, datetime):
+        return value.replace(tzinfo=value.tzinfo or timezone.utc).timestamp()
+    if value is None:
+        return time.time()
+    return float(value)

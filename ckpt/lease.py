@@ -16,14 +16,14 @@ import threading
 import uuid
 from datetime import datetime, timedelta
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from . import _io
-from .errors import LeaseHeld, LeaseLost
+from .errors import LeaseHeld, LeaseLost, LeaseUnreadable
 from .manifest import utcnow
 
 log = logging.getLogger("baton.ckpt")
-_CLAIM = re.compile(r"claim-(\d{12})$")
+_CLAIM = re.compile(r"claim-([0-9]{12})")  # fullmatch on the file name: `$` would allow a trailing newline
 
 
 class LeaseRecord(BaseModel):
@@ -80,9 +80,14 @@ class Lease:
     def current(store, lineage: str) -> LeaseRecord | None:
         path = store.path(lineage, "_lease", "current.json")
         try:
-            return LeaseRecord.model_validate_json(_io.read_bytes(store.fs, path))
+            raw = _io.read_bytes(store.fs, path)
         except FileNotFoundError:
             return None
+        try:
+            return LeaseRecord.model_validate_json(raw)
+        except ValidationError as err:  # garbage, or a record of another shape: say which file
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'record'}: {e['msg']}" for e in err.errors())
+            raise LeaseUnreadable(path, problems) from err
 
     @staticmethod
     def check(store, lineage: str, fence: int) -> None:
@@ -141,7 +146,7 @@ class Lease:
         if not self.store.fs.exists(self._folder):
             return 0
         numbers = [int(m.group(1)) for p in self.store.fs.ls(self._folder, detail=False)
-                   if (m := _CLAIM.search(p.rstrip("/")))]
+                   if (m := _CLAIM.fullmatch(p.rstrip("/").rsplit("/", 1)[-1]))]
         return max(numbers, default=0)
 
     def heartbeat(self) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import datetime, timezone
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ManifestUnreadable
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 2  # 2: chunked file hashes (FileEntry.chunk_size); 1 is still read
@@ -106,3 +110,27 @@ class CheckpointRef(BaseModel):
             digest=manifest.digest,
             created_at=manifest.created_at,
         )
+
+
+def _canonical(body: dict) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def encode_manifest(manifest: Manifest) -> bytes:
+    """The committed form: the manifest in an envelope carrying its own sha256."""
+    body = manifest.model_dump(mode="json")
+    envelope = {"manifest": body, "sha256": hashlib.sha256(_canonical(body)).hexdigest()}
+    return json.dumps(envelope, sort_keys=True, indent=1).encode()
+
+
+def decode_manifest(raw: bytes, where: str) -> Manifest:
+    """Parse and self-check a manifest; a flipped byte anywhere in it is a `ManifestUnreadable`
+    naming `where`."""
+    try:
+        envelope = json.loads(raw)
+        body = envelope["manifest"]
+        if hashlib.sha256(_canonical(body)).hexdigest() != envelope["sha256"]:
+            raise ValueError("its own sha256 does not match its content")
+        return Manifest.model_validate(body)
+    except (ValueError, KeyError, TypeError, ValidationError) as err:  # JSON, shape, checksum, schema
+        raise ManifestUnreadable(where, f"{err.__class__.__name__}: {err}") from err

@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-from datetime import datetime, timezone
 from typing import Any, Callable, Literal
 
-from pydantic import ValidationError
-
 from . import _io
-from .errors import CheckpointCorrupted, CheckpointError, CheckpointExists, CheckpointNotFound
-from .manifest import MANIFEST_NAME, CheckpointRef, FileEntry, Manifest, Position
+from .errors import (
+    CheckpointCorrupted,
+    CheckpointError,
+    CheckpointExists,
+    CheckpointNotFound,
+    InvalidArgument,
+    UnreadableFile,
+)
+from .faults import fault_point
+from .manifest import MANIFEST_NAME, CheckpointRef, FileEntry, Manifest, Position, decode_manifest, encode_manifest
 from .names import checkpoint_id, validate_checkpoint_id, validate_name
 
 log = logging.getLogger("baton.ckpt")
@@ -29,25 +33,9 @@ log = logging.getLogger("baton.ckpt")
 Mode = Literal["min", "max"]
 DELETING_MARKER = "deleting.marker"
 
-
-def _encode_manifest(manifest: Manifest) -> bytes:
-    body = manifest.model_dump(mode="json")
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    envelope = {"manifest": body, "sha256": _io.sha256_hex(canonical)}
-    return json.dumps(envelope, sort_keys=True, indent=1).encode()
-
-
-def _decode_manifest(raw: bytes, where: str) -> Manifest:
-    """Parse and self-check a manifest; a flipped byte anywhere in it is an error."""
-    try:
-        envelope = json.loads(raw)
-        body = envelope["manifest"]
-        canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-        if _io.sha256_hex(canonical) != envelope["sha256"]:
-            raise ValueError("its own sha256 does not match its content")
-        return Manifest.model_validate(body)
-    except (ValueError, KeyError, TypeError, ValidationError) as err:
-        raise ValueError(f"{where}: unreadable manifest ({err.__class__.__name__}: {err})") from err
+# The codec moved to manifest.py; these names stay for the benchmarks and older callers.
+_encode_manifest = encode_manifest
+_decode_manifest = decode_manifest
 
 
 class CheckpointStore:
@@ -87,7 +75,8 @@ class CheckpointStore:
         return sorted(self.fs.glob(self.path(lineage, "*", MANIFEST_NAME)))
 
     def list(self, lineage: str) -> list[Manifest]:
-        """Committed checkpoints of `lineage`, oldest first. Unreadable manifests are skipped."""
+        """Committed checkpoints of `lineage`, oldest first, from their manifests alone (no file
+        is hashed: see `verify`, `latest_verified`). Unreadable manifests are skipped."""
         manifests, _ = self._read_manifests(lineage)
         return manifests
 
@@ -103,8 +92,8 @@ class CheckpointStore:
             if path not in blobs:
                 continue
             try:
-                manifests.append(_decode_manifest(blobs[path], path))
-            except ValueError as err:
+                manifests.append(decode_manifest(blobs[path], path))
+            except UnreadableFile as err:
                 problems.append(str(err))
                 log.warning("skipping checkpoint: %s", err)
         manifests.sort(key=lambda m: m.id)
@@ -122,6 +111,7 @@ class CheckpointStore:
         return blobs
 
     def manifest(self, lineage: str, ckpt_id: str) -> Manifest:
+        """One committed checkpoint's manifest; `ManifestUnreadable` (naming the file) if garbled."""
         path = self.path(lineage, validate_checkpoint_id(ckpt_id), MANIFEST_NAME)
         try:
             raw = _io.read_bytes(self.fs, path)
@@ -130,38 +120,56 @@ class CheckpointStore:
                 f"no committed checkpoint {lineage}/{ckpt_id} in {self.url}; "
                 f"list them with `baton ckpt ls {self.url} --lineage {lineage}`"
             ) from err
-        return _decode_manifest(raw, path)
+        return decode_manifest(raw, path)
 
     def latest(self, lineage: str) -> Manifest | None:
+        """The newest committed checkpoint, by its manifest alone: cheap, but its files may be
+        damaged. `latest_verified` is the newest one whose files verify."""
         manifests = self.list(lineage)
         return manifests[-1] if manifests else None
 
-    def best(self, lineage: str, metric: str = "loss", mode: Mode = "min") -> Manifest | None:
+    def best(self, lineage: str, metric: str = "loss", mode: Mode = "min", verified: bool = False) -> Manifest | None:
+        """The best checkpoint by `metric`; with `verified`, the best one whose files verify."""
+        for manifest in self._ranked(lineage, metric, mode):
+            if not verified or self._whole(manifest):
+                return manifest
+        return None
+
+    def _ranked(self, lineage: str, metric: str, mode: Mode) -> list[Manifest]:
         scored = [m for m in self.list(lineage) if metric in m.metrics]
-        if not scored:
-            return None
         sign = 1 if mode == "min" else -1
         # Ties go to the newest checkpoint.
-        return min(scored, key=lambda m: (sign * m.metrics[metric], tuple(-ord(c) for c in m.id)))
+        return sorted(scored, key=lambda m: (sign * m.metrics[metric], tuple(-ord(c) for c in m.id)))
 
-    def resolve(self, lineage: str, selector: str = "latest", metric: str = "loss", mode: Mode = "min") -> Manifest:
-        """A checkpoint by id, `latest`, `best` (by `metric`/`mode`) or alias."""
+    def resolve(self, lineage: str, selector: str = "latest", metric: str = "loss", mode: Mode = "min",
+                verified: bool = False) -> Manifest:
+        """A checkpoint by id, `latest`, `best` (by `metric`/`mode`) or alias.
+
+        With `verified`, its files are checked first: `latest` and `best` fall back to the newest
+        (or best) checkpoint that verifies; an id or alias names one checkpoint, so a damaged one
+        raises `CheckpointCorrupted` at once."""
         if selector == "latest":
-            found = self.latest(lineage)
+            found = self.latest_verified(lineage) if verified else self.latest(lineage)
         elif selector == "best":
-            found = self.best(lineage, metric, mode)
-        elif selector in (aliases := self.aliases(lineage)):
-            found = self.manifest(lineage, aliases[selector])
-        elif _looks_like_id(selector):
-            found = self.manifest(lineage, selector)
+            found = self.best(lineage, metric, mode, verified=verified)
         else:
-            validate_name(selector, "alias")  # a path, not a name: InvalidName
-            known = ", ".join(sorted(aliases)) or "none"
-            raise CheckpointNotFound(f"lineage {lineage!r} has no alias {selector!r} (aliases: {known}); "
-                                     "use an id, latest, best or an alias")
+            found = self._named(lineage, selector)
+            if verified and (problems := self.verify(found)):
+                raise CheckpointCorrupted(lineage, found.id, problems)
         if found is None:
-            raise CheckpointNotFound(f"lineage {lineage!r} has no committed checkpoint ({selector}) in {self.url}")
+            raise CheckpointNotFound(f"lineage {lineage!r} has no committed checkpoint ({selector}) in {self.url}"
+                                     + (" whose files verify" if verified else ""))
         return found
+
+    def _named(self, lineage: str, selector: str) -> Manifest:
+        if selector in (aliases := self.aliases(lineage)):
+            return self.manifest(lineage, aliases[selector])
+        if _looks_like_id(selector):
+            return self.manifest(lineage, selector)
+        validate_name(selector, "alias")  # a path, not a name: InvalidName
+        known = ", ".join(sorted(aliases)) or "none"
+        raise CheckpointNotFound(f"lineage {lineage!r} has no alias {selector!r} (aliases: {known}); "
+                                 "use an id, latest, best or an alias")
 
     def ref(self, manifest: Manifest) -> CheckpointRef:
         return CheckpointRef.from_manifest(manifest, self.uri(manifest.lineage, manifest.id))
@@ -170,22 +178,32 @@ class CheckpointStore:
         """Checkpoint folders with no manifest: id -> age in seconds of their newest file.
 
         A folder whose deletion was interrupted counts as infinitely old: nothing is saving it."""
+        return self.leftovers(lineage)[0]
+
+    def leftovers(self, lineage: str) -> tuple[dict[str, float], dict[str, float]]:
+        """What failed or interrupted writes left behind, from one recursive listing:
+        (`uncommitted` folders, temporary files of atomic writes anywhere in the lineage: path
+        relative to the lineage -> age in seconds)."""
         if not self.fs.exists(self.path(lineage)):
-            return {}
+            return {}, {}
         committed = {p.rsplit("/", 2)[-2] for p in self._manifest_paths(lineage)}
-        found: dict[str, float] = {}
+        folders: dict[str, float] = {}
+        temps: dict[str, float] = {}
         deleting: set[str] = set()
-        now = time.time()
-        for path, info in self.fs.find(self.path(lineage), detail=True).items():
-            rel = path[len(self.path(lineage)) + 1 :].split("/")
+        now, base = time.time(), self.path(lineage)
+        for path, info in self.fs.find(base, detail=True).items():
+            rel = path[len(base) + 1 :].split("/")
+            age = now - _io.mtime(info)
+            if _io.is_temp_name(rel[-1]):
+                temps["/".join(rel)] = age
             if len(rel) < 2 or rel[0].startswith("_") or rel[0] in committed:
                 continue
             if rel[-1] == DELETING_MARKER:
                 deleting.add(rel[0])
-            found[rel[0]] = min(found.get(rel[0], float("inf")), now - _mtime(info))
+            folders[rel[0]] = min(folders.get(rel[0], float("inf")), age)
         for ckpt_id in deleting:
-            found[ckpt_id] = float("inf")
-        return found
+            folders[ckpt_id] = float("inf")
+        return folders, temps
 
     # ---- writing ---------------------------------------------------------------------------
     def commit(
@@ -205,37 +223,61 @@ class CheckpointStore:
         """Write `files` (name -> bytes or Blob), then the manifest.
 
         `files` from `ckpt.encode` carry the model digest, computed while the files are written;
-        other files need `digest`. `before_commit` may raise to refuse (fencing)."""
+        other files need `digest`. `before_commit` may raise to refuse (fencing).
+
+        If this id is already committed and its files verify, that checkpoint is returned when
+        its weights are these (`CheckpointExists` otherwise) and nothing is written. If its files
+        are damaged or missing, it is replaced by this one (see `_uncommit_damaged`)."""
         if digest is None and not hasattr(files, "digest"):
-            raise TypeError("commit needs digest=... unless files come from ckpt.encode()")
+            raise InvalidArgument("commit needs digest=... unless files come from ckpt.encode()")
+        for name in files:
+            validate_name(name, "file")
         ckpt_id = checkpoint_id(position.epoch, position.step)
         folder = self.path(lineage, ckpt_id)
-        # Before any file is written: the files of a committed checkpoint are never overwritten.
         existing = self._existing(lineage, ckpt_id)
         if existing is not None:
-            if existing.digest == (digest or files.digest):  # type: ignore[attr-defined]
-                return existing
-            raise CheckpointExists(f"{lineage}/{ckpt_id} is already committed with other weights")
-        entries: dict[str, FileEntry] = {}
-        for name, data in files.items():
-            validate_name(name, "file")
-            entries[name] = _io.write_file(self.fs, f"{folder}/{name}", data)
-        if digest is None:
-            digest = files.digest  # type: ignore[attr-defined]  # hashed while writing
+            problems = self.verify(existing)
+            if not problems:
+                # The files of a whole committed checkpoint are never overwritten.
+                if existing.digest == (digest or files.digest):  # type: ignore[attr-defined]
+                    return existing
+                raise CheckpointExists(f"{lineage}/{ckpt_id} is already committed with other weights")
+            self._uncommit_damaged(existing, problems, before_commit, set(files))
+        entries = {name: _io.write_file(self.fs, f"{folder}/{name}", data) for name, data in files.items()}
         manifest = Manifest(
             lineage=lineage, id=ckpt_id, position=position, metrics=metrics or {},
             config_hash=config_hash, parent=parent, versions=versions or {}, files=entries,
-            digest=digest, fence=fence,
+            digest=digest or files.digest, fence=fence,  # type: ignore[attr-defined]  # hashed while writing
         )
         if before_commit is not None:
             before_commit()
-        _io.write_atomic(self.fs, f"{folder}/{MANIFEST_NAME}", _encode_manifest(manifest))
+        _io.write_atomic(self.fs, f"{folder}/{MANIFEST_NAME}", encode_manifest(manifest))
         return manifest
+
+    def _uncommit_damaged(self, damaged: Manifest, problems: list[str],
+                          before_commit: Callable[[], None] | None, keeping: set[str]) -> None:
+        """Take a committed checkpoint with damaged files out of the lineage before rewriting them.
+
+        Crash-safe order: (1) the fencing check, so that a writer whose lease was taken over never
+        un-commits what the new holder may have just repaired; (2) the manifest goes, before any
+        file is touched, so no reader ever sees it pointing at files being rewritten; (3) the
+        caller rewrites the files and (4) commits a new manifest, last, as for any checkpoint.
+        Killed after (2), the lineage looks as if this checkpoint had never been committed (its
+        predecessor is the latest) and the folder is an uncommitted leftover whose fresh files
+        keep cleanup off it for `uncommitted_ttl`; the next commit of this id writes it whole."""
+        log.warning("replacing damaged checkpoint %s/%s: %s", damaged.lineage, damaged.id, "; ".join(problems))
+        if before_commit is not None:
+            before_commit()
+        folder = self.path(damaged.lineage, damaged.id)
+        self._remove_file(f"{folder}/{MANIFEST_NAME}")
+        fault_point("repair.after_uncommit")
+        for name in set(damaged.files) - keeping:  # files the new checkpoint does not have
+            self._remove_file(f"{folder}/{name}")
 
     def _existing(self, lineage: str, ckpt_id: str) -> Manifest | None:
         try:
             return self.manifest(lineage, ckpt_id)
-        except (CheckpointNotFound, ValueError):
+        except (CheckpointNotFound, UnreadableFile):  # an unreadable manifest commits nothing
             return None
 
     def read(self, manifest: Manifest, name: str, verify: bool = True) -> memoryview:
@@ -274,6 +316,12 @@ class CheckpointStore:
                 problems.append(problem)
         return problems
 
+    def _whole(self, manifest: Manifest) -> bool:
+        problems = self.verify(manifest)
+        if problems:
+            log.warning("skipping damaged checkpoint %s/%s: %s", manifest.lineage, manifest.id, "; ".join(problems))
+        return not problems
+
     def verify_lineage(self, lineage: str) -> list[str]:
         manifests, problems = self._read_manifests(lineage)
         for manifest in manifests:
@@ -284,25 +332,30 @@ class CheckpointStore:
         return problems
 
     def latest_verified(self, lineage: str, at_most_epochs: int | None = None) -> Manifest | None:
-        """The newest checkpoint whose files verify, warning about each one skipped."""
+        """The newest checkpoint whose files verify, warning about each one skipped: where
+        training resumes from. Hashes the newest checkpoints until one is whole."""
         for manifest in reversed(self.list(lineage)):
             if at_most_epochs is not None and manifest.epochs_done > at_most_epochs:
                 continue
-            problems = self.verify(manifest)
-            if not problems:
+            if self._whole(manifest):
                 return manifest
-            log.warning("skipping corrupted checkpoint %s/%s: %s", lineage, manifest.id, "; ".join(problems))
         return None
 
     # ---- aliases ---------------------------------------------------------------------------
     def aliases(self, lineage: str) -> dict[str, str]:
+        """alias -> checkpoint id. A garbled alias file is skipped with a warning naming it."""
         folder = self.path(lineage, "_aliases")
         if not self.fs.exists(folder):
             return {}
         out = {}
         for path in self.fs.glob(f"{folder}/*.json"):
-            alias = path.rsplit("/", 1)[-1][: -len(".json")]
-            out[alias] = json.loads(_io.read_bytes(self.fs, path))["id"]
+            try:
+                alias = validate_name(path.rsplit("/", 1)[-1][: -len(".json")], "alias")
+                out[alias] = _alias_target(path, _io.read_bytes(self.fs, path))
+            except FileNotFoundError:  # unpinned meanwhile
+                continue
+            except CheckpointError as err:
+                log.warning("skipping alias file %s: %s", path, err)
         return out
 
     def pin(self, lineage: str, ckpt_id: str, alias: str) -> None:
@@ -314,39 +367,74 @@ class CheckpointStore:
         path = self.path(lineage, "_aliases", validate_name(alias, "alias") + ".json")
         if not self.fs.exists(path):
             raise CheckpointNotFound(f"lineage {lineage!r} has no alias {alias!r}")
-        self.fs.rm_file(path)
+        self._remove_file(path)
 
     # ---- deleting --------------------------------------------------------------------------
-    def delete(self, lineage: str, ckpt_id: str, after_uncommit: Callable[[], None] | None = None) -> int:
+    def delete(self, lineage: str, ckpt_id: str) -> int:
         """Un-commit (manifest first), then remove the files. Returns bytes freed.
 
         A marker goes in first: should the process die between the manifest and the last file,
         the leftover is known to be a deletion in progress (removable at once), not a save in
-        progress (which must be given its time-to-live). `after_uncommit` runs between the two
-        (failure injection for tests and drills).
+        progress (which must be given its time-to-live). Several deleters may race on one
+        checkpoint (concurrent cleanups): what another one removed first is not an error.
         """
         folder = self.path(lineage, validate_checkpoint_id(ckpt_id))
         manifest_path = f"{folder}/{MANIFEST_NAME}"
         if self.fs.exists(manifest_path):
             # No fsync: should the marker be lost in a power cut, the leftover merely waits out
             # the uncommitted ttl like any other.
-            self.fs.pipe_file(f"{folder}/{DELETING_MARKER}", b"")
-            self.fs.rm_file(manifest_path)
-            if after_uncommit is not None:
-                after_uncommit()
+            try:
+                self.fs.pipe_file(f"{folder}/{DELETING_MARKER}", b"")
+            except (FileNotFoundError, FileExistsError):
+                # The folder went while this made sure it existed: another deleter got there first.
+                return self._remove_folder(folder)
+            self._remove_file(manifest_path)
+            fault_point("delete.after_uncommit")
         return self._remove_folder(folder)
 
-    def _remove_folder(self, folder: str) -> int:
-        if not self.fs.exists(folder):
+    def remove_leftover(self, lineage: str, ckpt_id: str) -> int:
+        """Remove a checkpoint folder that has no manifest; bytes freed. A folder that got its
+        manifest since it was found is a committed checkpoint now: it is left alone (0)."""
+        folder = self.path(lineage, validate_checkpoint_id(ckpt_id))
+        if self.fs.exists(f"{folder}/{MANIFEST_NAME}"):
+            log.info("leftover %s/%s was committed meanwhile; keeping it", lineage, ckpt_id)
             return 0
-        if self.is_local:
-            return _remove_local_folder(folder)
-        files = self.fs.find(folder, detail=True)
-        freed = sum(int(info.get("size") or 0) for info in files.values())
-        # The deletion marker goes last, so that it outlives every file it speaks for.
-        for path in sorted(files, key=lambda p: p.endswith(DELETING_MARKER)):
+        return self._remove_folder(folder)
+
+    def remove_temp_file(self, lineage: str, relative: str) -> int:
+        """Remove a temporary file of a failed atomic write (path relative to the lineage, as
+        `leftovers` names it); bytes freed. Refuses any other file."""
+        parts = relative.split("/")
+        if not _io.is_temp_name(parts[-1]) or any(p in ("", ".", "..") for p in parts):
+            raise InvalidArgument(f"{lineage}/{relative} is not a temporary file of an atomic write")
+        path = self.path(lineage, *parts)
+        try:
+            size = int(self.fs.info(path).get("size") or 0)
+        except FileNotFoundError:
+            return 0
+        return size if self._remove_file(path) else 0
+
+    def _remove_file(self, path: str) -> bool:
+        """False when it was already gone (removed by someone else meanwhile)."""
+        try:
             self.fs.rm_file(path)
-        return freed
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _remove_folder(self, folder: str) -> int:
+        # The deletion marker goes last, so that it outlives every file it speaks for.
+        if self.is_local:
+            return _io.remove_local_tree(folder, last=DELETING_MARKER)
+        return _io.remove_remote_files(self.fs, folder, last=DELETING_MARKER)
+
+
+def _alias_target(path: str, raw: bytes) -> str:
+    try:
+        return validate_checkpoint_id(json.loads(raw)["id"])
+    except (ValueError, KeyError, TypeError) as err:  # not JSON, not an object, no or a bad id
+        raise UnreadableFile(path, "alias", f"{err.__class__.__name__}: {err}",
+                             "Pin the alias again with `baton ckpt pin`, or delete that file") from err
 
 
 def _looks_like_id(value: str) -> bool:
@@ -357,19 +445,6 @@ def _looks_like_id(value: str) -> bool:
     return True
 
 
-def _remove_local_folder(folder: str) -> int:
-    freed = 0
-    entries = sorted(os.scandir(folder), key=lambda e: e.name == DELETING_MARKER)  # the marker last
-    for entry in entries:
-        if entry.is_dir(follow_symlinks=False):
-            freed += _remove_local_folder(entry.path)
-        else:
-            freed += entry.stat(follow_symlinks=False).st_size
-            os.unlink(entry.path)
-    os.rmdir(folder)
-    return freed
-
-
 def _check(name: str, entry: FileEntry, size: int, actual: str | None) -> str | None:
     if size != entry.size:
         return f"{name}: size {size} bytes, expected {entry.size}"
@@ -377,13 +452,3 @@ def _check(name: str, entry: FileEntry, size: int, actual: str | None) -> str | 
         kind = "sha256" if entry.chunk_size is None else "chunked sha256"
         return f"{name}: {kind} {actual[:12]}..., expected {entry.sha256[:12]}..."  # type: ignore[index]
     return None
-
-
-def _mtime(info: dict) -> float:
-    value = info.get("mtime") or info.get("LastModified") or info.get("created")
-    if isinstance(value, datetime):
-        return value.replace(tzinfo=value.tzinfo or timezone.utc).timestamp()
-    if value is None:
-        return time.time()
-    return float(value)
-

@@ -127,7 +127,7 @@ def test_a_cleanup_killed_mid_delete_is_finished_by_the_next_run_and_the_store_v
     # Baton's failure injection: SIGKILL in the middle of the 100th deletion (manifest gone, files
     # not). Waiting to kill it from outside raced a cleanup that now deletes 1,200 checkpoints in
     # well under a second.
-    proc = start_baton(args, dict(cluster_env, BATON_FAIL_CLEANUP_AFTER="100"), workdir, log)
+    proc = start_baton(args, dict(cluster_env, BATON_FAULTS="delete.after_uncommit=kill@100"), workdir, log)
     try:
         assert proc.wait(180) == -signal.SIGKILL, log.read_text()[-3000:]
     finally:
