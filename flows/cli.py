@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -41,7 +42,7 @@ def _json_flag(name: str, text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        err_console.print(f"[red]{name} must be JSON, for example '{{\"epoch\": 1, \"batch\": 2}}': {err}[/red]")
+        err_console.print(f"{name} must be JSON (for example '{{\"key\": 1}}'): {err}", style="red", markup=False)
         raise typer.Exit(2) from None
 
 
@@ -68,38 +69,56 @@ def _print_errors(err: ValidationError) -> None:
     err_console.print("Fix the flag (--field-name) or the key in the --config file.")
 
 
-@app.command()
-def train(
-    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file of config fields; flags win."),
-    lineage: Optional[str] = typer.Option(None, help="Lineage name (default: derived from recipe and hyper-parameters)."),
-    store: Optional[str] = typer.Option(None, help="Checkpoint store: folder or fsspec URL [default: ./checkpoints]."),
-    epochs: Optional[int] = typer.Option(None, help="Total epochs [default: 4]."),
-    epochs_per_block: Optional[int] = typer.Option(None, help="Epochs per block [default: 2]."),
-    workers: Optional[int] = typer.Option(None, help="Ray Train workers [default: 2]."),
-    recipe: Optional[str] = typer.Option(None, help="Recipe as module:attr [default: tasks.recipes:linear]."),
-    seed: Optional[int] = typer.Option(None, help="Seed [default: 0]."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate [default: the recipe's]."),
-    batch_size: Optional[int] = typer.Option(None, help="Per-worker batch size [default: the recipe's]."),
-    checkpoint_every_steps: Optional[int] = typer.Option(None, help="Also checkpoint every N steps."),
-    checkpoint_mode: Optional[str] = typer.Option(None, help="sync or async [default: sync]."),
-    placement_strategy: Optional[str] = typer.Option(None, help="PACK, SPREAD, STRICT_PACK or STRICT_SPREAD [default: PACK]."),
-    max_failures: Optional[int] = typer.Option(None, help="Ray Train worker-group restarts per block [default: 1]."),
-    block_retries: Optional[int] = typer.Option(None, help="Prefect retries per block task [default: 1]."),
-    init_from: Optional[str] = typer.Option(None, help="Warm start from LINEAGE[@ID|@latest|@best|@ALIAS]."),
-    init_mode: Optional[str] = typer.Option(None, help="weights (fresh optimizer) or full [default: weights]."),
-    fail: Optional[str] = typer.Option(None, help='Failure injection as JSON, e.g. \'{"epoch": 1, "batch": 2, "action": "kill-worker"}\'.'),
-    sample_log: Optional[str] = typer.Option(None, help="Folder for a per-rank log of the samples trained."),
-    ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Existing Ray cluster (default: start a local one)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the config and block plan; train nothing."),
-) -> None:
+def _flag_type(annotation: Any) -> tuple[type, str]:
+    """The flag type of a config field, and a note for its help: plain values as themselves,
+    choices as text, models and mappings as JSON."""
+    import types
+    import typing
+
+    inner = annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(inner) is typing.Literal:
+        return str, "one of " + ", ".join(map(str, typing.get_args(inner)))
+    if inner in (int, float, str, bool):
+        return inner, ""
+    return str, "JSON"
+
+
+def _default_text(field) -> str:
+    if field.default_factory is not None or field.default is None:
+        return ""
+    value = field.default.value if hasattr(field.default, "value") else field.default
+    return f" [default: {value}]"
+
+
+def _config_flags() -> list[inspect.Parameter]:
+    """One --flag per TrainConfig field, with the field's type, description and default: a new
+    setting is a new field, and the command line has it."""
+    from .config import TrainConfig
+
+    params = []
+    for name, field in TrainConfig.model_fields.items():
+        kind, note = _flag_type(field.annotation)
+        text = (field.description or "") + (f" ({note})" if note else "") + _default_text(field)
+        option = typer.Option(None, f"--{name.replace('_', '-')}", help=text, show_default=False)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                        annotation=Optional[kind]))
+    return params
+
+
+def _json_fields() -> set[str]:
+    from .config import TrainConfig
+
+    return {name for name, field in TrainConfig.model_fields.items() if _flag_type(field.annotation)[1] == "JSON"}
+
+
+def _train(config_file: Optional[Path] = None, ray_address: Optional[str] = None, as_json: bool = False,
+           dry_run: bool = False, **fields: Any) -> None:
     """Train a lineage to --epochs, resuming from its latest committed checkpoint."""
-    flags = dict(lineage=lineage, store=store, epochs=epochs, epochs_per_block=epochs_per_block,
-                 workers=workers, recipe=recipe, seed=seed, lr=lr, batch_size=batch_size,
-                 checkpoint_every_steps=checkpoint_every_steps, max_failures=max_failures,
-                 block_retries=block_retries, checkpoint_mode=checkpoint_mode,
-                 placement_strategy=placement_strategy, init_from=init_from, init_mode=init_mode,
-                 fail=_json_flag("--fail", fail) if fail else None, sample_log=sample_log)
+    json_fields = _json_fields()
+    flags = {k: (_json_flag(f"--{k.replace('_', '-')}", v) if k in json_fields and v is not None else v)
+             for k, v in fields.items()}
     config = build_config(config_file, flags)
     if dry_run:
         plan = [{"block": b.index, "epochs": [b.start_epoch, b.end_epoch - 1]} for b in config.blocks()]
@@ -124,6 +143,32 @@ def train(
     if final:
         console.print(f"final checkpoint {final.id}: {json.dumps(final.metrics)}\n  {final.uri}")
 
+
+def _register_train() -> None:
+    fixed = [
+        inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                          default=typer.Option(None, "--config", help="YAML file of config fields; flags win.")),
+        inspect.Parameter("ray_address", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                          default=typer.Option(None, envvar="RAY_ADDRESS",
+                                               help="Existing Ray cluster (default: start a local one).")),
+        inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--json", help="Print the summary as JSON.")),
+        inspect.Parameter("dry_run", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--dry-run", help="Validate and print the config and "
+                                               "block plan; train nothing.")),
+    ]
+    params = fixed + _config_flags()
+
+    def train(**kwargs: Any) -> None:
+        _train(**kwargs)
+
+    train.__doc__ = _train.__doc__
+    train.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    train.__annotations__ = {p.name: p.annotation for p in params}
+    app.command(name="train")(train)
+
+
+_register_train()
 
 def _run_flow(flow_fn, **params):
     """Run a flow against PREFECT_API_URL, or a Prefect server started for this command."""
@@ -196,7 +241,7 @@ def serve(
                                                "of train/on-demand and train/nightly-retrain."),
     limit: Optional[int] = typer.Option(None, help="At most N flow runs at once (default: no limit)."),
 ) -> None:
-    """Serve every deployment (train/on-demand, train/nightly-retrain, cleanup/nightly) from one process."""
+    """Serve every deployment (train/on-demand, nightly-retrain/nightly, cleanup/nightly) from one process."""
     from prefect.settings import get_current_settings
 
     if not get_current_settings().api.url:
@@ -204,6 +249,9 @@ def serve(
                           "PREFECT_API_URL (for example http://127.0.0.1:4200/api), or prefect config set it.[/red]")
         raise typer.Exit(2)
     config = build_config(config_file, {"store": store}) if config_file else None
+    if os.environ.get("RAY_ADDRESS"):
+        # Ray reads it when imported, in the flow-run subprocesses that inherit this environment.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     from deployments.serve import serve_all  # deployments build on flows, so imported only here
 
     serve_all(store=store or "./checkpoints", cron=cron, interval_s=interval, config=config, limit=limit)

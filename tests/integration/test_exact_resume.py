@@ -101,8 +101,8 @@ def test_a_run_killed_at_ten_random_moments_ends_bit_identical_to_an_uninterrupt
     base_manifest, base_state = long_baseline
     assert kills >= 10, f"only {kills} kills landed before training finished"
     assert manifest.digest == base_manifest.digest
-    assert state.extra["steps"] == base_state.extra["steps"] == 16 * BATCHES_PER_EPOCH
-    assert (state.extra["ema"] == base_state.extra["ema"]).all()
+    assert state.extra["user"]["steps"] == base_state.extra["user"]["steps"] == 16 * BATCHES_PER_EPOCH
+    assert (state.extra["user"]["ema"] == base_state.extra["user"]["ema"]).all()
     assert state.scheduler == base_state.scheduler
     entries = _entries(samples)
     _assert_each_sample_once_per_epoch(entries)

@@ -76,3 +76,32 @@ def returns_early(ctx) -> None:
     ctx.restore(model=model)
     for _ in ctx.epochs():
         return
+
+
+def numbers(params) -> "ray.data.Dataset":  # noqa: F821
+    """A Ray Data set for `datasets: {"train": "tests.tasks.loops:numbers"}`, in a fixed order."""
+    import ray.data
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    rows = []
+    for index in range(128):
+        x = torch.randn(12, generator=torch.Generator().manual_seed(index))
+        rows.append({"x": x.numpy(), "y": int(x.sum() > 0)})
+    return ray.data.from_items(rows)
+
+
+def ray_data(ctx) -> None:
+    """A loop fed by Ray Data (`ctx.dataset_shard`): checkpoints at epoch ends only."""
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    ctx.restore(model=model, optimizer=optimizer)
+    net = ctx.prepare_model(model) if ctx.world_size > 1 else model
+    shard = ctx.dataset_shard("train")
+    for _ in ctx.epochs():
+        for batch in shard.iter_torch_batches(batch_size=8):
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(net(batch["x"]), batch["y"])
+            loss.backward()
+            optimizer.step()
+            ctx.step(loss=loss.item())
+        ctx.end_epoch()
