@@ -11,7 +11,8 @@ from prefect.runtime import flow_run
 
 from ckpt import CheckpointStore, validate_name
 from flows.config import TrainConfig
-from flows.train import TrainSummary, ray_task_runner, train
+from flows.served import describe, served
+from flows.train import RayRunner, TrainSummary, run_training
 
 __all__ = ["nightly_lineage", "nightly_retrain", "previous_checkpoint"]
 
@@ -46,7 +47,7 @@ def _scheduled_start() -> datetime:
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
-@flow(name="train", task_runner=ray_task_runner(), validate_parameters=True, retries=1, retry_delay_seconds=5)
+@flow(name="nightly-retrain", task_runner=RayRunner(), validate_parameters=True, retries=1, retry_delay_seconds=5)
 def nightly_retrain(config: TrainConfig = TrainConfig(), lineage_prefix: str = "nightly",
                     date_format: str = "%Y%m%d", warm_start: WarmStart = "latest") -> TrainSummary:
     """Train `<lineage_prefix>-<date>` by `config`, warm-started from the previous nightly lineage.
@@ -55,11 +56,13 @@ def nightly_retrain(config: TrainConfig = TrainConfig(), lineage_prefix: str = "
     checkpoint (to seed the first night). Flow retries (1) resume the same lineage from its checkpoints.
     """
     logger = get_run_logger()
+    config = served(config)
     lineage = nightly_lineage(lineage_prefix, date_format, _scheduled_start())
     store = CheckpointStore(config.blocks()[0].store, config.storage_options)
     init_from = previous_checkpoint(store, lineage_prefix, lineage, warm_start) or config.init_from
     logger.info("nightly retraining of %s, warm start from %s", lineage, init_from or "nothing (from scratch)")
     run_config = TrainConfig.model_validate({**config.model_dump(), "lineage": lineage, "init_from": init_from})
+    logger.info("effective config: %s", describe(run_config))
     # The train flow's body runs inside this flow run, so its task runner, logs and artifacts are
     # this run's (a subflow would show up as a second run, and a UI retry would start a new one).
-    return train.fn(run_config)
+    return run_training(run_config, tags=["nightly"])

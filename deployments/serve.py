@@ -1,9 +1,12 @@
 """Serve every Baton deployment from one long-lived process (Prefect's `serve`).
 
 - `train/on-demand`: the train flow; its parameter is the training config.
-- `train/nightly-retrain`: on a schedule, a new lineage per run, named by date and warm-started from
-  the previous nightly lineage (deployments.nightly).
+- `nightly-retrain/nightly`: on a schedule, a new lineage per run, named by date and warm-started
+  from the previous nightly lineage (deployments.nightly).
 - `cleanup/nightly`: on a schedule, prunes the store by a retention policy (its parameters).
+
+`deployments/prefect.yaml` declares the same deployments for `prefect deploy`; a test
+(tests/deployments/test_prefect_yaml.py) holds the two to the same names, schedules and parameters.
 
 Flow runs start in subprocesses of the serving process and inherit its environment: PREFECT_API_URL
 (the server whose UI shows them) and RAY_ADDRESS (the Ray cluster the blocks train on).
@@ -17,6 +20,7 @@ from typing import Any
 
 from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
+from prefect.schedules import Cron, Interval
 from prefect.types.entrypoint import EntrypointType
 
 from flows.cleanup import CleanupConfig, cleanup
@@ -29,6 +33,7 @@ __all__ = ["build_deployments", "serve_all"]
 
 DAILY = "%Y%m%d"
 TO_THE_SECOND = "%Y%m%d-%H%M%S"
+NIGHTLY_CRON = "0 2 * * *"  # 02:00 UTC: retraining and cleanup
 
 
 def _absolute(store: str) -> str:
@@ -36,7 +41,7 @@ def _absolute(store: str) -> str:
     return store if "://" in store else os.path.abspath(os.path.expanduser(store))
 
 
-def build_deployments(store: str = "./checkpoints", cron: str = "0 2 * * *", interval_s: float | None = None,
+def build_deployments(store: str = "./checkpoints", cron: str = NIGHTLY_CRON, interval_s: float | None = None,
                       config: TrainConfig | None = None, cleanup_config: CleanupConfig | None = None,
                       ) -> list[RunnerDeployment]:
     """The three deployments. `config` is the default training config (its store wins over `store`
@@ -45,23 +50,23 @@ def build_deployments(store: str = "./checkpoints", cron: str = "0 2 * * *", int
     config = config or TrainConfig(store=_absolute(store))
     config = config.model_copy(update={"store": _absolute(config.store)})
     train_params: dict[str, Any] = {"config": config.model_dump(mode="json", exclude_none=True)}
-    nightly_schedule: dict[str, Any] = ({"interval": timedelta(seconds=interval_s)} if interval_s else {"cron": cron})
+    nightly = Interval(timedelta(seconds=interval_s)) if interval_s else Cron(cron, timezone="UTC")
     cleanup_config = cleanup_config or CleanupConfig(store=config.store, storage_options=config.storage_options)
     common: dict[str, Any] = {"entrypoint_type": EntrypointType.MODULE_PATH, "tags": ["baton"]}
     return [
         train.to_deployment(name="on-demand", parameters=train_params, **common,
                             description="Train a lineage to `config.epochs`, resuming from its latest checkpoint."),
         nightly_retrain.to_deployment(
-            name="nightly-retrain", parameters={**train_params, "date_format": TO_THE_SECOND if interval_s else DAILY},
-            **nightly_schedule, **common,
+            name="nightly", parameters={**train_params, "date_format": TO_THE_SECOND if interval_s else DAILY},
+            schedule=nightly, **common,
             description="Each run trains a new lineage named by date, warm-started from the previous nightly lineage."),
-        cleanup.to_deployment(name="nightly", cron=cron, **common,
+        cleanup.to_deployment(name="nightly", schedule=Cron(cron, timezone="UTC"), **common,
                               parameters={"config": cleanup_config.model_dump(mode="json", exclude_none=True)},
                               description="Prune the store by the retention policy in `config.policy`."),
     ]
 
 
-def serve_all(store: str = "./checkpoints", cron: str = "0 2 * * *", interval_s: float | None = None,
+def serve_all(store: str = "./checkpoints", cron: str = NIGHTLY_CRON, interval_s: float | None = None,
               config: TrainConfig | None = None, limit: int | None = None) -> None:
     """Serve the deployments until interrupted. Schedules stay active when this process stops, so
     a restarted server (or a second serving process) picks them up again."""

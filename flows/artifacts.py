@@ -1,38 +1,42 @@
-"""What the Prefect UI shows for a train run: a progress bar updated each epoch, and at the end a
-table of the lineage's checkpoints, a link to the latest one and a summary with the loss curve.
+"""What the Prefect UI shows for a train run.
+
+Per run: a progress bar updated each epoch, and at the end a summary with the loss curve. Per
+lineage, under keys that every run of the lineage updates (so the Artifacts page has one page per
+lineage, across runs, crashes, retries): `<lineage>-lineage` (where the lineage stands, its loss
+curve across runs, and its checkpoints with the flow run that committed each),
+`<lineage>-checkpoints` (the same table, as data) and `<lineage>-latest` (the latest checkpoint's
+location). The lineage artifacts are published also when a run fails, saying where Retry resumes.
 
 Artifacts are a view, never the truth (the store is): a failure to publish one is logged and
-training goes on.
+training goes on. Locations are plain text: a browser will not open `file://` links.
 """
 
 from __future__ import annotations
 
 import base64
+import io
 import re
-import struct
-import zlib
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any
 
 from prefect import get_run_logger
 from prefect.artifacts import (
-    create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.runtime import flow_run
 
-from ckpt import CheckpointStore, Manifest
+from ckpt import CheckpointStore, LeaseRecord, Manifest
 
 if TYPE_CHECKING:
     from .train import TrainSummary
 
-__all__ = ["TrainProgress", "artifact_key", "line_chart_png", "publish_run"]
+__all__ = ["TrainProgress", "artifact_key", "committed_by", "line_chart_png", "lineage_markdown",
+           "publish_failure", "publish_run"]
 
-# Series colours (RGB) in drawing order; the markdown names them, since the picture has no text.
-COLOURS = [("blue", (31, 119, 180)), ("orange", (255, 127, 14)), ("green", (44, 160, 44)),
-           ("red", (214, 39, 40)), ("purple", (148, 103, 189))]
+_RUN_IN_OWNER = re.compile(r"^flow run (?P<name>\S*) (?P<id>[0-9a-f-]{36}) ")
 
 
 def artifact_key(lineage: str, what: str) -> str:
@@ -86,37 +90,143 @@ class TrainProgress:
             return ref
 
 
-def publish_run(store: CheckpointStore, summary: "TrainSummary") -> None:
-    """The checkpoint table, the link to the latest checkpoint and the summary with curves."""
-    manifests = store.list(summary.lineage)
-    for what, publish in (("checkpoints", _publish_table), ("latest", _publish_link),
-                          ("summary", _publish_summary)):
+# ---- who committed what --------------------------------------------------------------------------
+
+def committed_by(store: CheckpointStore, lineage: str, manifests: list[Manifest]) -> dict[int, str]:
+    """Fencing number -> the flow run that held the lease with it ("name (id)").
+
+    Every manifest carries its writer's fencing number, and the lease keeps one claim record per
+    number, whose owner the train flow writes as "flow run NAME ID (host:pid)": so the store
+    itself says which run committed each checkpoint, across crashes and retries."""
+    runs: dict[int, str] = {}
+    for fence in sorted({m.fence for m in manifests if m.fence}):
         try:
-            publish(store, summary, manifests)
+            raw = store.fs.cat_file(store.path(lineage, "_lease", f"claim-{fence:012d}"))
+            owner = LeaseRecord.model_validate_json(raw).owner
+        except Exception:  # an old claim format, or removed: the table says so
+            continue
+        found = _RUN_IN_OWNER.match(owner)
+        runs[fence] = f"{found['name']} ({found['id'][:8]})" if found and found["name"] else owner
+    return runs
+
+
+def _location(store: CheckpointStore, m: Manifest) -> str:
+    return store.uri(m.lineage, m.id)
+
+
+# ---- publishing ----------------------------------------------------------------------------------
+
+def publish_run(store: CheckpointStore, summary: "TrainSummary") -> None:
+    """At the end of a run: the lineage's artifacts and this run's summary with its curves."""
+    manifests = store.list(summary.lineage)
+    status = (f"Run `{_this_run()}` completed: epoch {summary.final.epochs_done if summary.final else 0} "
+              f"of {summary.epochs}, {summary.epochs_trained} epoch(s) trained in {summary.wall_time_s:.1f} s.")
+    _publish_lineage(store, summary.lineage, manifests, status)
+    try:
+        create_markdown_artifact(summary_markdown(summary, manifests), key=artifact_key(summary.lineage, "summary"),
+                                 description=f"training summary of {summary.lineage}")
+    except Exception as err:
+        _warn("summary", err)
+
+
+def publish_failure(store: CheckpointStore, lineage: str, epochs: int, error: BaseException) -> None:
+    """When a run fails: where the lineage stands, and where a Retry resumes."""
+    try:
+        manifests = store.list(lineage)
+    except Exception as err:
+        _warn("lineage", err)
+        return
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    status = f"Run `{_this_run()}` **failed**: {type(error).__name__}: {message}"
+    _publish_lineage(store, lineage, manifests, status, epochs=epochs, failed=True)
+
+
+def _this_run() -> str:
+    name, run_id = flow_run.get_name(), flow_run.get_id()
+    return f"{name} ({run_id[:8]})" if run_id else "(no flow run)"
+
+
+def _publish_lineage(store: CheckpointStore, lineage: str, manifests: list[Manifest], status: str,
+                     epochs: int | None = None, failed: bool = False) -> None:
+    runs = {}
+    try:
+        runs = committed_by(store, lineage, manifests)
+    except Exception as err:
+        _warn("lineage", err)
+    for what, publish in (("checkpoints", _publish_table), ("latest", _publish_latest), ("lineage", _publish_page)):
+        try:
+            publish(store, lineage, manifests, runs, status=status, epochs=epochs, failed=failed)
         except Exception as err:
             _warn(what, err)
 
 
-def _publish_table(store: CheckpointStore, summary: "TrainSummary", manifests: list[Manifest]) -> None:
+def _publish_table(store: CheckpointStore, lineage: str, manifests: list[Manifest], runs: dict[int, str],
+                   **_: Any) -> None:
     names = sorted({name for m in manifests for name in m.metrics})
     rows = []
     for m in manifests:
         row: dict[str, Any] = {"id": m.id, "epoch": m.epoch, "step": m.step}
         row.update({name: round(m.metrics[name], 6) if name in m.metrics else None for name in names})
-        row.update(uri=store.uri(m.lineage, m.id), digest=m.digest, created_at=m.created_at.isoformat())
+        row.update(flow_run=runs.get(m.fence, "-"), location=_location(store, m), digest=m.digest,
+                   created_at=m.created_at.isoformat())
         rows.append(row)
-    create_table_artifact(rows, key=artifact_key(summary.lineage, "checkpoints"),
-                          description=f"committed checkpoints of {summary.lineage} in {summary.store}")
+    create_table_artifact(rows, key=artifact_key(lineage, "checkpoints"),
+                          description=f"committed checkpoints of {lineage} in {store.url}")
 
 
-def _publish_link(store: CheckpointStore, summary: "TrainSummary", manifests: list[Manifest]) -> None:
-    if summary.final is None:
+def _publish_latest(store: CheckpointStore, lineage: str, manifests: list[Manifest], runs: dict[int, str],
+                    **_: Any) -> None:
+    if not manifests:
         return
-    final = summary.final
-    link = final.uri if "://" in final.uri else f"file://{final.uri}"
-    create_link_artifact(link, link_text=f"{final.lineage}/{final.id} (epoch {final.epoch}, step {final.step})",
-                         key=artifact_key(summary.lineage, "latest"),
-                         description=f"latest checkpoint of {summary.lineage}")
+    latest = manifests[-1]
+    create_markdown_artifact(
+        f"Latest committed checkpoint of `{lineage}`: `{_location(store, latest)}` "
+        f"(epoch {latest.epoch}, step {latest.step}, id {latest.id})\n",
+        key=artifact_key(lineage, "latest"), description=f"latest checkpoint of {lineage}")
+
+
+def _publish_page(store: CheckpointStore, lineage: str, manifests: list[Manifest], runs: dict[int, str],
+                  status: str, epochs: int | None, failed: bool) -> None:
+    create_markdown_artifact(lineage_markdown(store, lineage, manifests, runs, status, failed=failed),
+                             key=artifact_key(lineage, "lineage"),
+                             description=f"lineage {lineage}: every run, checkpoint and the loss across runs")
+
+
+# ---- markdown ------------------------------------------------------------------------------------
+
+def lineage_markdown(store: CheckpointStore, lineage: str, manifests: list[Manifest], runs: dict[int, str],
+                     status: str, failed: bool = False) -> str:
+    """The lineage page: status line, where a Retry resumes, loss across runs, checkpoint table."""
+    latest = manifests[-1] if manifests else None
+    lines = [f"### Lineage `{lineage}`", "", status, ""]
+    if failed:
+        lines += [f"latest committed checkpoint is `{latest.id}` (epoch {latest.epoch}, step {latest.step}); "
+                  "Retry resumes there" if latest else "no checkpoint committed yet; Retry starts from scratch", ""]
+    lines += [f"- store: `{store.url}`",
+              f"- latest: `{_location(store, latest)}`" if latest else "- latest: none yet",
+              f"- runs: {len({m.fence for m in manifests})}, checkpoints: {len(manifests)}"]
+    series = _loss_by_run(manifests, runs)
+    if series:
+        png = line_chart_png(series, title=f"loss of {lineage}, by flow run", xlabel="global step", ylabel="loss")
+        lines += ["", f"![loss of {lineage} across runs](data:image/png;base64,{base64.b64encode(png).decode()})"]
+    names = sorted({name for m in manifests for name in m.metrics})
+    lines += ["", "| checkpoint | epoch | step | " + " | ".join(names) + (" | " if names else "")
+              + "flow run | committed (UTC) |",
+              "|---|---:|---:|" + "---:|" * len(names) + "---|---|"]
+    for m in reversed(manifests):
+        values = " | ".join(f"{m.metrics[n]:.4g}" if n in m.metrics else "" for n in names)
+        lines.append(f"| `{m.id}` | {m.epoch} | {m.step} | {values}{' | ' if names else ''}"
+                     f"{runs.get(m.fence, '-')} | {m.created_at:%Y-%m-%d %H:%M:%S} |")
+    return "\n".join(lines) + "\n"
+
+
+def _loss_by_run(manifests: list[Manifest], runs: dict[int, str]) -> dict[str, list[tuple[float, float]]]:
+    """The loss at every checkpoint against the global step, one series per committing flow run."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for m in manifests:
+        if "loss" in m.metrics:
+            series.setdefault(runs.get(m.fence, f"fence {m.fence}"), []).append((float(m.step), m.metrics["loss"]))
+    return series
 
 
 def _curves(manifests: list[Manifest]) -> dict[str, list[tuple[float, float]]]:
@@ -127,11 +237,6 @@ def _curves(manifests: list[Manifest]) -> dict[str, list[tuple[float, float]]]:
             for name, value in m.metrics.items():
                 curves.setdefault(name, []).append((float(m.epoch), float(value)))
     return curves
-
-
-def _publish_summary(store: CheckpointStore, summary: "TrainSummary", manifests: list[Manifest]) -> None:
-    create_markdown_artifact(summary_markdown(summary, manifests), key=artifact_key(summary.lineage, "summary"),
-                             description=f"training summary of {summary.lineage}")
 
 
 def summary_markdown(summary: "TrainSummary", manifests: list[Manifest]) -> str:
@@ -149,93 +254,39 @@ def summary_markdown(summary: "TrainSummary", manifests: list[Manifest]) -> str:
     for title, names, y_range in (("Loss", sorted(n for n in curves if "loss" in n), None),
                                   ("Accuracy", sorted(n for n in curves if "acc" in n), (0.0, 1.0))):
         if names:
-            lines += ["", f"#### {title} by epoch", "", _chart_markdown(title, {n: curves[n] for n in names}, y_range)]
+            png = line_chart_png({n: curves[n] for n in names}, title=f"{title.lower()} of {summary.lineage}",
+                                 xlabel="epoch", ylabel=title.lower(), y_range=y_range)
+            lines += ["", f"#### {title} by epoch", "",
+                      f"![{title.lower()} curve](data:image/png;base64,{base64.b64encode(png).decode()})"]
     return "\n".join(lines) + "\n"
 
 
-def _chart_markdown(title: str, series: dict[str, list[tuple[float, float]]],
-                    y_range: tuple[float, float] | None) -> str:
-    png = line_chart_png(list(series.values()), y_range=y_range)
-    legend = "; ".join(
-        f"{colour}: **{name}** {points[0][1]:.4f} (epoch {points[0][0]:.0f}) → {points[-1][1]:.4f} (epoch {points[-1][0]:.0f})"
-        for (colour, _), (name, points) in zip(COLOURS, series.items()))
-    return f"![{title.lower()} curve](data:image/png;base64,{base64.b64encode(png).decode()})\n\n{legend}"
+# ---- the picture ---------------------------------------------------------------------------------
 
+def line_chart_png(series: dict[str, list[tuple[float, float]]], title: str = "", xlabel: str = "",
+                   ylabel: str = "", y_range: tuple[float, float] | None = None,
+                   size: tuple[float, float] = (7.0, 3.2), dpi: int = 100) -> bytes:
+    """A line chart with axes, ticks, labels, a grid and a legend naming each series, as PNG."""
+    # matplotlib's object API with the Agg canvas: no pyplot global state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-# ---- a dependency-free line chart as PNG ------------------------------------------------------
-
-def line_chart_png(series: list[list[tuple[float, float]]], width: int = 560, height: int = 240,
-                   y_range: tuple[float, float] | None = None) -> bytes:
-    """Lines (with a dot per point) on a white canvas with a light grid; no text."""
-    canvas = _Canvas(width, height)
-    left, right, top, bottom = 40, width - 16, 14, height - 26
-    xs = [x for points in series for x, _ in points] or [0.0]
-    ys = [y for points in series for _, y in points] or [0.0]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = y_range or (min(ys), max(ys))
-    if y1 - y0 < 1e-12:
-        y0, y1 = y0 - 0.5, y1 + 0.5
-    pad = 0.05 * (y1 - y0) if y_range is None else 0.0
-    y0, y1 = y0 - pad, y1 + pad
-
-    def at(x: float, y: float) -> tuple[int, int]:
-        return (round(left + (x - x0) / (x1 - x0) * (right - left)),
-                round(bottom - (y - y0) / (y1 - y0) * (bottom - top)))
-
-    for i in range(5):
-        gy = round(top + i * (bottom - top) / 4)
-        canvas.line(left, gy, right, gy, (225, 225, 225))
-    for x in sorted(set(xs)):
-        px, _ = at(x, y0)
-        canvas.line(px, bottom, px, bottom + 4, (120, 120, 120))
-    canvas.line(left, top, left, bottom, (120, 120, 120))
-    canvas.line(left, bottom, right, bottom, (120, 120, 120))
-    for (_, colour), points in zip(COLOURS, series):
-        pixels = [at(x, y) for x, y in points]
-        for a, b in zip(pixels, pixels[1:]):
-            canvas.line(*a, *b, colour, thick=True)
-        for px, py in pixels:
-            canvas.dot(px, py, colour)
-    return canvas.png()
-
-
-class _Canvas:
-    def __init__(self, width: int, height: int):
-        self.width, self.height = width, height
-        self.rows = [bytearray(b"\xff" * (3 * width)) for _ in range(height)]
-
-    def put(self, x: int, y: int, colour: tuple[int, int, int]) -> None:
-        if 0 <= x < self.width and 0 <= y < self.height:
-            self.rows[y][3 * x:3 * x + 3] = bytes(colour)
-
-    def line(self, x0: int, y0: int, x1: int, y1: int, colour, thick: bool = False) -> None:
-        dx, dy = abs(x1 - x0), -abs(y1 - y0)
-        sx, sy = (1 if x0 < x1 else -1), (1 if y0 < y1 else -1)
-        err = dx + dy
-        while True:  # Bresenham
-            self.put(x0, y0, colour)
-            if thick:
-                self.put(x0, y0 + 1, colour)
-                self.put(x0 + 1, y0, colour)
-            if x0 == x1 and y0 == y1:
-                return
-            e2 = 2 * err
-            if e2 >= dy:
-                err, x0 = err + dy, x0 + sx
-            if e2 <= dx:
-                err, y0 = err + dx, y0 + sy
-
-    def dot(self, x: int, y: int, colour, radius: int = 3) -> None:
-        for ddx in range(-radius, radius + 1):
-            for ddy in range(-radius, radius + 1):
-                if ddx * ddx + ddy * ddy <= radius * radius:
-                    self.put(x + ddx, y + ddy, colour)
-
-    def png(self) -> bytes:
-        raw = b"".join(b"\x00" + bytes(row) for row in self.rows)
-
-        def chunk(kind: bytes, data: bytes) -> bytes:
-            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-        header = struct.pack(">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0)  # 8-bit RGB
-        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    figure = Figure(figsize=size, dpi=dpi, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for name, points in series.items():
+        xs, ys = zip(*points) if points else ((), ())
+        axes.plot(xs, ys, marker="o", markersize=3.5, linewidth=1.6, label=name)
+    axes.set_title(title, fontsize=10)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if y_range is not None:
+        axes.set_ylim(*y_range)
+    axes.grid(True, alpha=0.3)
+    if series:
+        axes.legend(fontsize=8, loc="best")
+    out = io.BytesIO()
+    figure.savefig(out, format="png")
+    return out.getvalue()

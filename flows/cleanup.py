@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -12,6 +12,7 @@ from ckpt import CheckpointStore, RetentionPlan, RetentionPolicy, prune
 from tasks.prune import prune_store
 
 from .config import safe_lineage
+from .served import describe, served
 
 
 class CleanupConfig(BaseModel):
@@ -55,7 +56,11 @@ def prune_here(config: CleanupConfig) -> RetentionPlan:
 
 @flow(name="cleanup")
 def cleanup(config: CleanupConfig = CleanupConfig()) -> RetentionPlan:
-    """Prune `config.store` by `config.policy`; publishes a table of what was kept and deleted."""
+    """Prune `config.store` by `config.policy`; publishes a table of what was kept and deleted.
+
+    In a deployment run, `config` is merged field by field over the deployment's default config."""
+    config = served(config)
+    get_run_logger().info("effective config: %s", describe(config))
     result = prune_store(config.store, config.policy, config.lineage, config.dry_run, config.storage_options)
     _publish(result, config)
     return result

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+from typing import Iterable
 
-if os.environ.get("RAY_ADDRESS"):
-    # Ray 2.60 clusters have token authentication on, and a driver connecting by address must say
-    # so before Ray is imported (runs started by `prefect worker` or `serve` come through here).
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-
-from prefect import flow, get_run_logger  # noqa: E402
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect_ray import RayTaskRunner
 from prefect_ray.context import remote_options
@@ -20,8 +17,9 @@ from ckpt import CheckpointRef, CheckpointStore, Lease
 from tasks import train_block
 from tasks.block import RAY_TRAIN_ENV
 
-from .artifacts import TrainProgress, publish_run
+from .artifacts import TrainProgress, publish_failure, publish_run
 from .config import TrainConfig
+from .served import describe, served
 
 
 class TrainSummary(BaseModel):
@@ -41,25 +39,89 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
                  "BATON_FAULT_OMIT_STATE")
 
 
-def ray_task_runner(address: str | None = None) -> RayTaskRunner:
-    """Attach to `address` (or RAY_ADDRESS), else start a local Ray for the run."""
+def ray_init_kwargs() -> dict:
+    """`ray.init` arguments from the environment as it is now: Ray Train settings and the storage
+    credentials the workers need."""
     env = dict(RAY_TRAIN_ENV)
     env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
-    init_kwargs = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
-    return RayTaskRunner(address=address, init_kwargs=init_kwargs)
+    return {"runtime_env": {"env_vars": env}, "log_to_driver": True}
 
 
-def _owner() -> str:
+class RayRunner(RayTaskRunner):
+    """prefect-ray's RayTaskRunner, configured when a flow run starts it rather than when the flow
+    is defined: what the workers get is the environment of the run (a served deployment's run,
+    say), not of whoever imported this module first. Attaches to RAY_ADDRESS, else starts a local Ray."""
+
+    def __init__(self, address: str | None = None, init_kwargs: dict | None = None):
+        super().__init__(address=address, init_kwargs=init_kwargs)
+        self._given = dict(init_kwargs or {})
+
+    def duplicate(self) -> "RayRunner":
+        return type(self)(address=self.address, init_kwargs=self._given)
+
+    def configure(self) -> "RayRunner":
+        """Take the `ray.init` arguments from the environment as it is now."""
+        self.init_kwargs = {"namespace": "prefect", **ray_init_kwargs(), **self._given}
+        return self
+
+    def __enter__(self) -> "RayRunner":
+        self.configure()
+        if os.environ.get("RAY_ADDRESS") and not os.environ.get("RAY_AUTH_MODE"):
+            # Ray reads it when imported, so it cannot be set here (FACTS.md: token auth is on by default).
+            logging.getLogger("baton").warning(
+                "RAY_ADDRESS is set but RAY_AUTH_MODE is not: a Ray 2.60 cluster with token authentication "
+                "refuses this driver. Set RAY_AUTH_MODE=token where the flow run starts (baton train and "
+                "baton serve do it themselves; a `prefect worker` needs it exported).")
+        return super().__enter__()
+
+
+def _owner(run_name: str | None) -> str:
+    # Kept in the lease's claim records: artifacts read it back to tell which run committed what.
     run_id = flow_run.get_id() or "no flow run"
-    return f"flow run {flow_run.get_name() or ''} {run_id} ({os.uname().nodename}:{os.getpid()})"
+    return f"flow run {run_name or flow_run.get_name() or ''} {run_id} ({os.uname().nodename}:{os.getpid()})"
 
 
-@flow(name="train", task_runner=ray_task_runner(), validate_parameters=True)
+def label_flow_run(lineage: str, tags: Iterable[str] = ()) -> str | None:
+    """Name the current flow run after its lineage and tag it `lineage:<name>`, so that the UI can
+    find every run of a lineage. The name uses the scheduled start, which a retry keeps."""
+    run_id = flow_run.get_id()
+    if run_id is None:
+        return None
+    from prefect.client.orchestration import get_client
+
+    name = f"{lineage}-{flow_run.get_scheduled_start_time():%Y%m%d-%H%M%S}"
+    try:
+        with get_client(sync_client=True) as client:
+            current = client.read_flow_run(run_id)
+            client.update_flow_run(run_id, name=name,
+                                   tags=sorted({*current.tags, "baton", f"lineage:{lineage}", *tags}))
+    except Exception as err:  # a label is a convenience: never fail training for it
+        get_run_logger().warning("could not name the flow run after lineage %s: %s", lineage, err)
+        return None
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is not None and context.flow_run is not None:
+        context.flow_run.name = name  # so that prefect.runtime.flow_run.get_name() agrees with the UI
+    return name
+
+
+@flow(name="train", task_runner=RayRunner(), validate_parameters=True)
 def train(config: TrainConfig = TrainConfig()) -> TrainSummary:
-    """Train `config.lineage` to `config.epochs` epochs, block by block, resuming from the store."""
+    """Train `config.lineage` to `config.epochs` epochs, block by block, resuming from the store.
+
+    In a deployment run, `config` is merged field by field over the deployment's default config."""
+    config = served(config)
+    get_run_logger().info("effective config: %s", describe(config))
+    return run_training(config)
+
+
+def run_training(config: TrainConfig, tags: Iterable[str] = ()) -> TrainSummary:
+    """The train flow's body, also run by the nightly retraining flow inside its own flow run."""
     logger = get_run_logger()
     started = time.monotonic()
     lineage = config.resolved_lineage()
+    run_name = label_flow_run(lineage, tags)
     store = CheckpointStore(config.blocks()[0].store, config.storage_options)
     before = store.latest(lineage)  # manifests only: the workers verify what they load
     epochs_before = before.epochs_done if before else 0
@@ -71,15 +133,20 @@ def train(config: TrainConfig = TrainConfig()) -> TrainSummary:
     blocks_trained, ref = 0, store.ref(before) if before else None
     block = train_block.with_options(retries=config.block_retries, retry_delay_seconds=1)
     progress = TrainProgress(lineage, config.epochs, epochs_before)
-    with Lease(store, lineage, owner=_owner(), ttl_s=config.lease_ttl_s) as lease:
-        for spec in config.blocks(fence=lease.fence):
-            done = ref.epochs_done if ref else 0
-            # The orchestrating task takes no CPU: the block's Ray Train workers need them all.
-            with remote_options(num_cpus=0):
-                ref = progress.follow(block.submit(spec), store)
-            blocks_trained += ref.epochs_done > done
-            if lease.lost is not None:
-                raise lease.lost
+    try:
+        with Lease(store, lineage, owner=_owner(run_name), ttl_s=config.lease_ttl_s) as lease:
+            for spec in config.blocks(fence=lease.fence):
+                done = ref.epochs_done if ref else 0
+                # The orchestrating task takes no CPU: the block's Ray Train workers need them all.
+                with remote_options(num_cpus=0):
+                    ref = progress.follow(block.submit(spec), store)
+                blocks_trained += ref.epochs_done > done
+                if lease.lost is not None:
+                    raise lease.lost
+    except Exception as err:
+        # Exactly when a person needs them: what is committed, and where a Retry will resume.
+        publish_failure(store, lineage, config.epochs, err)
+        raise
     summary = TrainSummary(lineage=lineage, store=store.url, epochs=config.epochs,
                            epochs_trained=max(0, (ref.epochs_done if ref else 0) - epochs_before),
                            blocks_trained=blocks_trained, final=ref, wall_time_s=time.monotonic() - started)

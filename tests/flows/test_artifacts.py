@@ -1,0 +1,53 @@
+"""What the UI shows of a lineage: which run committed each checkpoint, the loss across runs, and
+after a failure, where a Retry resumes. No `file://` links."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+
+import torch
+from PIL import Image
+
+from ckpt import CheckpointStore, Lease, Position, TrainingState, encode
+from flows.artifacts import committed_by, lineage_markdown
+
+RUN_A = "flow run run-a-20261127-020000 0f0e0d0c-0000-4000-8000-00000000000a (host:1)"
+RUN_B = "flow run run-b-20261128-020000 0f0e0d0c-0000-4000-8000-00000000000b (host:2)"
+
+
+def _train_under_lease(store: CheckpointStore, owner: str, epochs: range) -> None:
+    with Lease(store, "demo", owner=owner) as lease:
+        for epoch in epochs:
+            position = Position(epoch=epoch, batch_in_epoch=4, epoch_complete=True, step=4 * (epoch + 1))
+            files = encode(TrainingState(model=torch.nn.Linear(2, 2).state_dict(), position=position))
+            store.commit("demo", position, files, metrics={"loss": 1.0 / (epoch + 1)}, fence=lease.fence)
+
+
+def test_the_lineage_page_names_the_run_that_committed_each_checkpoint_and_where_retry_resumes(tmp_path):
+    store = CheckpointStore(str(tmp_path / "store"))
+    _train_under_lease(store, RUN_A, range(0, 2))   # a first run, then it crashed
+    _train_under_lease(store, RUN_B, range(2, 3))   # the retry, which failed again
+    manifests = store.list("demo")
+    runs = committed_by(store, "demo", manifests)
+    assert sorted(runs.values()) == ["run-a-20261127-020000 (0f0e0d0c)", "run-b-20261128-020000 (0f0e0d0c)"]
+
+    page = lineage_markdown(store, "demo", manifests, runs, "Run `run-b` **failed**: RuntimeError: boom", failed=True)
+    latest = manifests[-1]
+    assert (f"latest committed checkpoint is `{latest.id}` (epoch 2, step 12); Retry resumes there") in page
+    rows = [line for line in page.splitlines() if line.startswith("| `")]
+    assert [row.split("|")[1].strip(" `") for row in rows] == [m.id for m in reversed(manifests)]
+    assert "run-b-20261128-020000" in rows[0] and "run-a-20261127-020000" in rows[-1]
+    assert "file://" not in page and f"`{store.url}/demo/{latest.id}`" in page
+
+    picture = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)\)", page)
+    image = Image.open(io.BytesIO(base64.b64decode(picture.group(1))))
+    image.load()
+    assert image.format == "PNG" and image.size[0] > 300
+
+
+def test_a_lineage_with_nothing_committed_says_a_retry_starts_from_scratch(tmp_path):
+    store = CheckpointStore(str(tmp_path / "store"))
+    page = lineage_markdown(store, "empty", [], {}, "failed", failed=True)
+    assert "no checkpoint committed yet; Retry starts from scratch" in page
