@@ -129,8 +129,10 @@ def decode_manifest(raw: bytes, where: str) -> Manifest:
     try:
         envelope = json.loads(raw)
         body = envelope["manifest"]
-        if hashlib.sha256(_canonical(body)).hexdigest() != envelope["sha256"]:
-            raise ValueError("its own sha256 does not match its content")
-        return Manifest.model_validate(body)
-    except (ValueError, KeyError, TypeError, ValidationError) as err:  # JSON, shape, checksum, schema
+        intact = hashlib.sha256(_canonical(body)).hexdigest() == envelope["sha256"]
+        manifest = Manifest.model_validate(body) if intact else None
+    except (ValueError, KeyError, TypeError, ValidationError) as err:  # JSON, shape, schema
         raise ManifestUnreadable(where, f"{err.__class__.__name__}: {err}") from err
+    if manifest is None:
+        raise ManifestUnreadable(where, "its own sha256 does not match its content")
+    return manifest

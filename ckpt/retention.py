@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
+from . import faults
 from .errors import InvalidName, UnreadableFile
 from .lease import Lease
 from .manifest import Manifest, utcnow
@@ -453,6 +454,7 @@ def _delete(store: CheckpointStore, decision: Decision) -> int:
 def prune(store: CheckpointStore, policy: RetentionPolicy, lineage: str | None = None,
           dry_run: bool = False, now: datetime | None = None) -> RetentionPlan:
     """Collect, plan and (unless `dry_run`) apply `policy` to one lineage or the whole store."""
+    faults.check_env()  # a drill's BATON_FAULTS with a typo fails here, before anything is deleted
     planned = collect(store, lineage, policy=policy).plan(policy, now or utcnow())
     return planned if dry_run else apply(store, planned)
 

@@ -389,7 +389,7 @@ def test_delete_also_removes_an_uncommitted_leftover(store):
 
 
 # ---- names -----------------------------------------------------------------------------------
-BAD_NAMES = ["..", "../escape", "/abs", "a/b", "a\\b", "", ".hidden", "x" * 129]
+BAD_NAMES = ["..", "../escape", "/abs", "a/b", "a\\b", "", ".hidden", "x" * 129, "nl\n", "run\n", "a\nb"]
 
 
 def test_an_unsafe_lineage_name_is_rejected_before_anything_is_written(store, subtests):
@@ -432,6 +432,15 @@ def test_a_selector_that_is_neither_an_alias_nor_an_id_is_rejected(store, subtes
                 store.resolve("run", selector)
             with pytest.raises(InvalidName):
                 store.delete("run", selector)
+
+
+def test_a_checkpoint_id_with_a_trailing_newline_is_not_an_id(store):
+    manifest = commit(store, "run", 0, 1)
+    with pytest.raises(InvalidName):
+        store.manifest("run", manifest.id + "\n")
+    with pytest.raises(InvalidName):
+        store.delete("run", manifest.id + "\n")
+    assert store.list("run") == [manifest]
 
 
 def test_names_that_are_safe_are_accepted(store):
