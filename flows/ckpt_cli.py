@@ -23,15 +23,13 @@ console = Console()
 err_console = Console(stderr=True, highlight=False)
 
 
-class StoreNotFound(CheckpointError):
-    """The store's root does not exist: a typo in the path, or nothing was ever committed there."""
-
-
 def _store(url: str) -> CheckpointStore:
     store = CheckpointStore(url)
     if not store.fs.exists(store.root):
-        raise StoreNotFound(f"no checkpoint store at {store.url}: check the path (a store is the folder or "
-                            "URL given to `baton train --store`, ./checkpoints by default)")
+        err_console.print(f"no checkpoint store at {store.url}: check the path (a store is the folder or URL "
+                          "given to `baton train --store`, ./checkpoints by default)",
+                          style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(2)
     return store
 
 
