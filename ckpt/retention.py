@@ -40,6 +40,7 @@ LEFTOVER_YOUNG = "uncommitted, younger than ttl: a save may be in progress"
 LEFTOVER_LEASED = "uncommitted, newer than the latest while a lease is live: the writer may be saving it"
 LEFTOVER_FOREIGN = "not named like a checkpoint (epoch-step): not Baton's, left alone"
 DAMAGED = "its files fail verification: a damaged checkpoint counts toward no keep rule"
+LATEST_DAMAGED = "latest of lineage, though damaged: none of its checkpoints verifies"
 TEMP_DELETE = "temporary file of a failed atomic write, older than ttl"
 TEMP_YOUNG = "temporary file younger than ttl: an atomic write may be in progress"
 
@@ -235,8 +236,11 @@ def _keep_reasons(policy: RetentionPolicy, manifests: list[Manifest], now: datet
                 reasons[ckpt_id].append(why)
 
     newest_first = [m.id for m in reversed(manifests)]
-    latest, *counting = _counting_rules(policy, [m for m in manifests if m.id not in damaged])
+    good = [m for m in manifests if m.id not in damaged]
+    latest, *counting = _counting_rules(policy, good)
     keep(*latest)  # the newest good checkpoint: first among the reasons, as it is first in importance
+    if not good:  # nothing verifies: never empty a lineage, the newest may still be salvaged by hand
+        keep(newest_first[:1], LATEST_DAMAGED)
     for alias, ckpt_id in sorted(pins.items()):
         keep([ckpt_id], f"pinned as {alias}")
     if leased:  # damaged ones too: the live writer may be replacing one right now

@@ -17,6 +17,8 @@ from ckpt.lease import Lease
 from ckpt.manifest import FileEntry, Manifest, Position
 from ckpt.names import checkpoint_id
 from ckpt.retention import (
+    DAMAGED,
+    LATEST_DAMAGED,
     LEFTOVER_DELETE,
     LEFTOVER_FOREIGN,
     LEFTOVER_LEASED,
@@ -214,12 +216,18 @@ def scenarios(draw):
         if pinned:
             aliases[name] = {f"pin{i}": ckpt for i, ckpt in enumerate(pinned)}
     leased = set(draw(st.lists(st.sampled_from(names), unique=True)))
+    damaged = {}
+    for name in names:
+        ids = [m.id for m in checkpoints if m.lineage == name]
+        hit = draw(st.lists(st.sampled_from(ids), unique=True, max_size=len(ids)))  # all of them, at times
+        if hit:
+            damaged[name] = {ckpt: [f"model.safetensors: damaged ({ckpt})"] for ckpt in hit}
     policy = RetentionPolicy(
         keep_last=draw(st.none() | st.integers(1, 4)), keep_best=draw(st.none() | st.integers(1, 3)),
         metric=draw(st.sampled_from(["loss", "acc"])), mode=draw(st.sampled_from(["min", "max"])),
         keep_every=draw(st.none() | st.integers(1, 3)), min_age=draw(st.sampled_from([0, 3600])),
     )
-    return policy, checkpoints, aliases, leased
+    return policy, checkpoints, aliases, leased, damaged
 
 
 def by_lineage(checkpoints: list[Manifest]) -> dict[str, list[Manifest]]:
@@ -238,12 +246,14 @@ PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[Heal
 
 @PROPERTY
 @given(scenarios())
-def test_latest_pinned_and_leased_checkpoints_are_never_deleted(scenario):
-    policy, checkpoints, aliases, leased = scenario
-    result = plan(policy, checkpoints, NOW, aliases=aliases, leased=leased)
+def test_the_newest_good_pinned_and_leased_checkpoints_are_never_deleted(scenario):
+    policy, checkpoints, aliases, leased, damaged = scenario
+    result = plan(policy, checkpoints, NOW, aliases=aliases, leased=leased, damaged=damaged)
     deleted = {(d.lineage, d.id) for d in result.deleted}
     for lineage, history in by_lineage(checkpoints).items():
-        protected = {history[-1].id} | set(aliases.get(lineage, {}).values())
+        good = good_ones(history, damaged, lineage)
+        newest = good[-1:] or history[-1:]  # with nothing good, the newest damaged one stays
+        protected = {m.id for m in newest} | set(aliases.get(lineage, {}).values())
         if lineage in leased:
             protected |= {m.id for m in history[-2:]}
         assert not {(lineage, i) for i in protected} & deleted
@@ -252,11 +262,13 @@ def test_latest_pinned_and_leased_checkpoints_are_never_deleted(scenario):
 @PROPERTY
 @given(scenarios())
 def test_a_checkpoint_is_deleted_exactly_when_no_rule_keeps_it(scenario):
-    policy, checkpoints, aliases, leased = scenario
-    result = plan(policy, checkpoints, NOW, aliases=aliases, leased=leased)
+    policy, checkpoints, aliases, leased, damaged = scenario
+    result = plan(policy, checkpoints, NOW, aliases=aliases, leased=leased, damaged=damaged)
     assert len(result.decisions) == len(checkpoints)
     for decision in result.decisions:
-        assert (decision.action == "delete") == (decision.reasons == [NO_RULE])
+        is_damaged = decision.id in damaged.get(decision.lineage, {})
+        assert (decision.action == "delete") == (decision.reasons == [DAMAGED if is_damaged else NO_RULE])
+        assert bool(decision.problems) == is_damaged
     assert result.bytes_freed == sum(m.total_bytes for m in checkpoints if (m.lineage, m.id) in
                                      {(d.lineage, d.id) for d in result.deleted})
     if not policy.has_keep_rule:
@@ -266,19 +278,21 @@ def test_a_checkpoint_is_deleted_exactly_when_no_rule_keeps_it(scenario):
 @PROPERTY
 @given(scenarios())
 def test_planning_again_over_the_survivors_deletes_nothing_more(scenario):
-    policy, checkpoints, aliases, leased = scenario
-    first = plan(policy, checkpoints, NOW, aliases=aliases, leased=leased)
+    policy, checkpoints, aliases, leased, damaged = scenario
+    first = plan(policy, checkpoints, NOW, aliases=aliases, leased=leased, damaged=damaged)
     survivors = [m for m in checkpoints if (m.lineage, m.id) in {(d.lineage, d.id) for d in first.kept}]
-    second = plan(policy, survivors, NOW, aliases=aliases, leased=leased)
+    second = plan(policy, survivors, NOW, aliases=aliases, leased=leased, damaged=damaged)
     assert second.deleted == []
 
 
 @PROPERTY
 @given(scenarios())
-def test_each_keep_rule_keeps_exactly_what_it_defines(scenario):
-    policy, checkpoints, aliases, leased = scenario
-    result = plan(policy, checkpoints, NOW, aliases=aliases, leased=leased)
-    for lineage, history in by_lineage(checkpoints).items():
+def test_each_keep_rule_keeps_exactly_what_it_defines_over_the_good_checkpoints(scenario):
+    policy, checkpoints, aliases, leased, damaged = scenario
+    result = plan(policy, checkpoints, NOW, aliases=aliases, leased=leased, damaged=damaged)
+    for lineage, everything in by_lineage(checkpoints).items():
+        history = good_ones(everything, damaged, lineage)
+        assert with_reason(result, lineage, "latest of lineage") == {m.id for m in history[-1:]}
         if policy.keep_last:
             expected = {m.id for m in history[-policy.keep_last:]}
             assert with_reason(result, lineage, f"keep_last={policy.keep_last}") == expected
@@ -291,6 +305,21 @@ def test_each_keep_rule_keeps_exactly_what_it_defines(scenario):
                 if m.position.epoch_complete and m.epochs_done % policy.keep_every == 0:
                     ends[m.epochs_done] = m.id
             assert with_reason(result, lineage, f"keep_every={policy.keep_every} epochs") == set(ends.values())
+
+
+@PROPERTY
+@given(scenarios())
+def test_a_damaged_checkpoint_counts_toward_no_keep_rule(scenario):
+    policy, checkpoints, aliases, leased, damaged = scenario
+    result = plan(policy, checkpoints, NOW, aliases=aliases, leased=leased, damaged=damaged)
+    counting = ("keep_last=", "best ", "keep_every=")
+    for decision in result.decisions:
+        if decision.id in damaged.get(decision.lineage, {}):
+            assert not [r for r in decision.reasons if r.startswith(counting) or r == "latest of lineage"], decision
+
+
+def good_ones(history: list[Manifest], damaged: dict[str, dict[str, list[str]]], lineage: str) -> list[Manifest]:
+    return [m for m in history if m.id not in damaged.get(lineage, {})]
 
 
 def check_keep_best(policy: RetentionPolicy, history: list[Manifest], best: set[str]) -> None:
@@ -407,3 +436,99 @@ def test_prune_of_one_lineage_leaves_the_others_alone(store):
         commit(store, "other", epoch, 1.0)
     prune(store, RetentionPolicy(keep_last=1), lineage="other")
     assert len(ids(store)) == 5 and ids(store, "other") == [checkpoint_id(2, 12)]
+
+
+# ---- damaged checkpoints on a real store ---------------------------------------------------
+def spoil(store: CheckpointStore, ckpt_id: str, lineage: str = "run") -> None:
+    """Flip a byte of the model file, leaving the manifest intact (bit rot, a bad disk)."""
+    path = os.path.join(store.path(lineage, ckpt_id), "model.safetensors")
+    with open(path, "r+b") as handle:
+        handle.seek(os.path.getsize(path) // 2)
+        byte = handle.read(1)
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte[0] ^ 1]))
+
+
+def test_cleanup_with_a_damaged_newest_keeps_the_newest_good_one_and_drops_the_damaged_one(store):
+    """The reported data loss: keep_last=1 deleted every good checkpoint and kept the damaged latest."""
+    spoil(store, checkpoint_id(4, 20))
+    result = prune(store, RetentionPolicy(keep_last=1))
+    assert ids(store) == [checkpoint_id(3, 16)] and store.verify_lineage("run") == []
+    gone = {d.id: d for d in result.deleted}
+    assert gone[checkpoint_id(4, 20)].reasons == [DAMAGED] and gone[checkpoint_id(4, 20)].problems
+    assert {d.id: d.reasons for d in result.kept} == {checkpoint_id(3, 16): ["latest of lineage", "keep_last=1"]}
+
+
+def test_a_lineage_where_nothing_verifies_keeps_its_newest_checkpoint(store):
+    for ckpt_id in ids(store):
+        spoil(store, ckpt_id)
+    result = prune(store, RetentionPolicy(keep_last=1))
+    assert ids(store) == [checkpoint_id(4, 20)]
+    assert result.kept[0].reasons == [LATEST_DAMAGED] and result.kept[0].problems
+
+
+def test_damaged_checkpoints_give_their_keep_last_and_keep_best_places_to_good_ones(store):
+    spoil(store, checkpoint_id(3, 16))  # among the newest two
+    spoil(store, checkpoint_id(1, 8))   # the best (loss 0.2)
+    prune(store, RetentionPolicy(keep_last=2, keep_best=1))
+    # newest two good: epochs 4 and 2; best good: epoch 2 (0.5)
+    assert ids(store) == [checkpoint_id(2, 12), checkpoint_id(4, 20)] and store.verify_lineage("run") == []
+
+
+def test_only_what_would_be_kept_is_hashed(store):
+    spoil(store, checkpoint_id(0, 4))  # old: deleted whatever its state, so never read
+    result = prune(store, RetentionPolicy(keep_last=2))
+    old = next(d for d in result.decisions if d.id == checkpoint_id(0, 4))
+    assert old.action == "delete" and old.reasons == [NO_RULE] and old.problems == []
+    assert {d.id for d in result.decisions if d.verified} == {checkpoint_id(3, 16), checkpoint_id(4, 20)}
+
+
+def test_a_pinned_damaged_checkpoint_is_kept_and_reported(store):
+    spoil(store, checkpoint_id(4, 20))
+    store.pin("run", checkpoint_id(4, 20), "production")
+    result = prune(store, RetentionPolicy(keep_last=1))
+    pinned = next(d for d in result.kept if d.id == checkpoint_id(4, 20))
+    assert pinned.reasons == ["pinned as production"] and pinned.problems
+    assert ids(store) == [checkpoint_id(3, 16), checkpoint_id(4, 20)]
+
+
+def test_a_damaged_checkpoint_repaired_between_planning_and_deleting_is_kept(store):
+    spoil(store, checkpoint_id(4, 20))
+    planned = collect(store, policy=RetentionPolicy(keep_last=1)).plan(RetentionPolicy(keep_last=1), NOW)
+    assert checkpoint_id(4, 20) in {d.id for d in planned.deleted}
+    commit(store, "run", 4, 0.6)  # the trainer re-commits it whole
+    result = apply(store, planned)
+    assert ids(store) == [checkpoint_id(3, 16), checkpoint_id(4, 20)] and store.verify_lineage("run") == []
+    assert next(d for d in result.decisions if d.id == checkpoint_id(4, 20)).reasons[0].startswith("re-checked")
+
+
+DISK_PROPERTY = settings(max_examples=25, deadline=None,
+                         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+@DISK_PROPERTY
+@given(count=st.integers(1, 7), data=st.data(), keep_last=st.none() | st.integers(1, 3),
+       keep_best=st.none() | st.integers(1, 2))
+def test_on_a_real_store_the_newest_good_checkpoint_survives_every_cleanup(tmp_path_factory, count, data,
+                                                                          keep_last, keep_best):
+    store = CheckpointStore(str(tmp_path_factory.mktemp("store")))
+    losses = data.draw(st.lists(st.sampled_from([0.1, 0.5, 0.9]), min_size=count, max_size=count))
+    made = [commit(store, "run", epoch, loss) for epoch, loss in enumerate(losses)]
+    spoiled = set(data.draw(st.lists(st.sampled_from([m.id for m in made]), unique=True)))
+    for ckpt_id in spoiled:
+        spoil(store, ckpt_id)
+    good = [m.id for m in made if m.id not in spoiled]
+
+    prune(store, RetentionPolicy(keep_last=keep_last, keep_best=keep_best))
+
+    left = ids(store)
+    if good:
+        assert good[-1] in left and store.latest_verified("run").id == good[-1]
+        if keep_last:
+            assert set(good[-keep_last:]) <= set(left)
+    if not (keep_last or keep_best):
+        assert left == [m.id for m in made], "with no keep rule, nothing committed is deleted"
+    elif good:
+        assert not set(left) & spoiled, "a damaged checkpoint no rule keeps was left"
+    else:
+        assert left == [made[-1].id], "a lineage with nothing good keeps its newest checkpoint"
