@@ -15,6 +15,7 @@ import sys
 import time
 
 from tasks.recipes import RecipeParams
+from tasks.settings import TrainSettings
 from tasks.spec import BlockSpec
 
 
@@ -37,8 +38,8 @@ def main(address: str, store: str, reps: int, width: int) -> None:
     times = os.environ["BATON_BENCH_TIMES"]
 
     def block(lineage: str, epoch: int) -> float:
-        spec = BlockSpec(index=epoch, lineage=lineage, start_epoch=epoch, end_epoch=epoch + 1, store=store,
-                         recipe="bench.recipes:timed_big", params=params, workers=1)
+        spec = BlockSpec(index=epoch, lineage=lineage, start_epoch=epoch, end_epoch=epoch + 1, params=params,
+                         settings=TrainSettings(store=store, recipe="bench.recipes:timed_big", workers=1))
         started = time.time()
         run_block(spec, logger)
         return _first_step_after(times, started)

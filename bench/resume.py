@@ -20,10 +20,12 @@ from pathlib import Path
 
 import torch
 
-from ckpt import Position, capture_rng
-from tasks import worker
-from tasks.recipes import RecipeParams
+from ckpt import CheckpointStore
+from tasks.context import TrainContext
+from tasks.recipes import RecipeParams, load_recipe
+from tasks.settings import TrainSettings
 from tasks.spec import BlockSpec
+from tasks.worker import run_local
 
 from ._common import MiB, Result, median
 
@@ -31,13 +33,19 @@ WIDTH = {"full": 5792, "quick": 5792}  # 5792^2 float32 weights + momentum: 256 
 
 
 def _to_first_forward(spec: BlockSpec) -> float:
+    """Worker loop entry (the ctx built) to the first forward pass: restore, loader, first batch."""
     started = time.perf_counter()
-    run = worker._build(spec, 0, 1)
-    epoch, batch = worker._start_point(run.position)
-    run.sampler.set_position(epoch, batch)
-    inputs, _ = worker._batch(run.data.train, next(iter(run.sampler)))
-    with torch.no_grad():
-        run.ddp(inputs)
+    ctx = TrainContext(spec, 0, 1)
+    recipe = load_recipe(spec.settings.recipe)
+    data = recipe.build_data(spec.params)
+    model = recipe.build_model(spec.params)
+    ctx.restore(model=model, optimizer=recipe.build_optimizer(model.parameters(), spec.params))
+    loader = ctx.loader(data.train, batch_size=spec.params.batch_size)
+    for _ in ctx.epochs():
+        inputs, _ = next(iter(loader))
+        with torch.no_grad():
+            model(inputs)
+        break
     return time.perf_counter() - started
 
 
@@ -48,23 +56,19 @@ def worker_level(reps: int, width: int = 5792, where: str | None = None) -> dict
     torch.set_num_threads(1)  # as in the worker loop
     try:
         params = RecipeParams(seed=0, lr=1e-4, batch_size=16, epochs=2, options={"width": width})
+        settings = TrainSettings(store=root, recipe="bench.recipes:big", workers=1)
 
-        def spec(lineage: str) -> BlockSpec:
-            return BlockSpec(index=0, lineage=lineage, start_epoch=0, end_epoch=2, store=root,
-                             recipe="bench.recipes:big", params=params, workers=1)
+        def spec(lineage: str, start: int = 0) -> BlockSpec:
+            return BlockSpec(index=start, lineage=lineage, start_epoch=start, end_epoch=start + 1, params=params,
+                             settings=settings)
 
-        run = worker._build(spec("resumed"), 0, 1)
-        inputs, targets = worker._batch(run.data.train, list(range(16)))
-        run.recipe.loss(run.ddp(inputs), targets).backward()
-        run.optimizer.step()
-        run.position = Position(epoch=0, batch_in_epoch=1, epoch_complete=False, step=1)
-        manifest = worker._commit(run, [capture_rng()], {"loss": 0.0})
+        run_local(spec("resumed"))  # one epoch, committed: what the resumed blocks load
+        manifest = CheckpointStore(root).latest("resumed")
         size = sum(e.size for e in manifest.files.values())
-        del run
         fresh, resumed = [], []
         for rep in range(reps):
             fresh.append(_to_first_forward(spec(f"fresh{rep}")))
-            resumed.append(_to_first_forward(spec("resumed")))
+            resumed.append(_to_first_forward(spec("resumed", 1)))
         return {"state_MiB": size // MiB, "fresh_s": round(median(fresh), 3), "resumed_s": round(median(resumed), 3)}
     finally:
         torch.set_num_threads(threads)

@@ -58,7 +58,7 @@ def nightly_retrain(config: TrainConfig = TrainConfig(), lineage_prefix: str = "
     logger = get_run_logger()
     config = served(config)
     lineage = nightly_lineage(lineage_prefix, date_format, _scheduled_start())
-    store = CheckpointStore(config.blocks()[0].store, config.storage_options)
+    store = CheckpointStore(config.store, config.storage_options)
     init_from = previous_checkpoint(store, lineage_prefix, lineage, warm_start) or config.init_from
     logger.info("nightly retraining of %s, warm start from %s", lineage, init_from or "nothing (from scratch)")
     run_config = TrainConfig.model_validate({**config.model_dump(), "lineage": lineage, "init_from": init_from})

@@ -122,13 +122,12 @@ def run_training(config: TrainConfig, tags: Iterable[str] = ()) -> TrainSummary:
     started = time.monotonic()
     lineage = config.resolved_lineage()
     run_name = label_flow_run(lineage, tags)
-    store = CheckpointStore(config.blocks()[0].store, config.storage_options)
+    store = CheckpointStore(config.store, config.storage_options)
     before = store.latest(lineage)  # manifests only: the workers verify what they load
     epochs_before = before.epochs_done if before else 0
     if before is None and config.init_from:
         # Fail before any work when the warm start cannot be found, not inside every Ray worker.
-        source, _, selector = config.init_from.partition("@")
-        store.resolve(source, selector or "latest")
+        store.resolve(*config.init_source)
     logger.info("lineage %s in %s: %d of %d epochs committed", lineage, store.url, epochs_before, config.epochs)
     blocks_trained, ref = 0, store.ref(before) if before else None
     block = train_block.with_options(retries=config.block_retries, retry_delay_seconds=1)

@@ -19,7 +19,7 @@ class Committer:
     def __init__(self, spec: BlockSpec, store: CheckpointStore, rank: int):
         self.spec, self.store = spec, store
         self.parent: str | None = None
-        self.saver = AsyncSaver(name=f"baton-save-{spec.lineage}") if spec.checkpoint_mode == "async" else None
+        self.saver = AsyncSaver(name=f"baton-save-{spec.lineage}") if spec.settings.checkpoint_mode == "async" else None
 
     def resumed_from(self, parent: str) -> None:
         self.parent = parent
@@ -66,7 +66,7 @@ class Committer:
 
         def before_commit() -> None:
             # Files are written, the manifest is not: the moment a crash must never expose.
-            faults.before_commit(spec.fail, self.store, spec.lineage, position.epoch, position.batch_in_epoch - 1)
+            faults.before_commit(spec.settings.fail, self.store, spec.lineage, position.epoch, position.batch_in_epoch - 1)
             if spec.fence:
                 Lease.check(self.store, spec.lineage, spec.fence)
 

@@ -81,22 +81,22 @@ def _warn_if_store_not_shared(store: CheckpointStore, logger) -> None:
 def _scaling(spec: BlockSpec):
     from ray.train import ScalingConfig
 
-    resources = {"CPU": spec.cpus_per_worker}
-    if spec.gpus_per_worker:
-        resources["GPU"] = spec.gpus_per_worker
+    resources = {"CPU": spec.settings.cpus_per_worker}
+    if spec.settings.gpus_per_worker:
+        resources["GPU"] = spec.settings.gpus_per_worker
     # use_gpu picks NCCL and puts each worker on its own device (ray.train.torch.get_device()).
-    return ScalingConfig(num_workers=spec.workers, use_gpu=spec.gpus_per_worker > 0,
-                         resources_per_worker=resources, placement_strategy=spec.placement_strategy)
+    return ScalingConfig(num_workers=spec.settings.workers, use_gpu=spec.settings.gpus_per_worker > 0,
+                         resources_per_worker=resources, placement_strategy=spec.settings.placement_strategy)
 
 
 def _datasets(spec: BlockSpec) -> dict | None:
     """Ray Data sets named in the config, built on the driver and split over the workers by Ray Train."""
-    if not spec.datasets:
+    if not spec.settings.datasets:
         return None
     from .worker import _importable, load_loop
 
     _importable(spec.import_paths)
-    return {name: load_loop(path)(spec.params) for name, path in spec.datasets.items()}
+    return {name: load_loop(path)(spec.params) for name, path in spec.settings.datasets.items()}
 
 
 def run_block(spec: BlockSpec, logger) -> tuple[CheckpointRef, bool]:
@@ -104,7 +104,7 @@ def run_block(spec: BlockSpec, logger) -> tuple[CheckpointRef, bool]:
     from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    store = CheckpointStore(spec.store, spec.storage_options)
+    store = CheckpointStore(spec.settings.store, spec.settings.storage_options)
     # Only a block that would be skipped verifies here; the workers verify what they load.
     latest = store.latest(spec.lineage)
     if latest is not None and latest.epochs_done >= spec.end_epoch:
@@ -116,16 +116,16 @@ def run_block(spec: BlockSpec, logger) -> tuple[CheckpointRef, bool]:
     _warn_if_store_not_shared(store, logger)
     start = f"checkpoint {latest.id}" if latest else "scratch"
     logger.info("block %d: training %s epochs %d-%d on %d workers from %s", spec.index, spec.lineage,
-                spec.start_epoch, spec.end_epoch - 1, spec.workers, start)
+                spec.start_epoch, spec.end_epoch - 1, spec.settings.workers, start)
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config=spec.model_dump(mode="json"),
         scaling_config=_scaling(spec),
         datasets=_datasets(spec),
         run_config=RunConfig(name=f"baton-{spec.lineage}-block{spec.index}-{uuid.uuid4().hex[:8]}",
-                             failure_config=FailureConfig(max_failures=spec.max_failures)),
+                             failure_config=FailureConfig(max_failures=spec.settings.max_failures)),
     )
-    with _CommitWatcher(store, spec.lineage, logger, policy=spec.prune):
+    with _CommitWatcher(store, spec.lineage, logger, policy=spec.settings.prune):
         trainer.fit()
     latest = store.latest(spec.lineage)
     if latest is None or latest.epochs_done < spec.end_epoch:

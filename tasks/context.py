@@ -40,8 +40,8 @@ log = logging.getLogger("baton.worker")
 _TOP_LEVEL = ("model", "optimizer", "scheduler")
 
 
-class LoopError(CheckpointError):
-    """The training loop used the ctx API in a way Baton cannot checkpoint; the message says how to fix it."""
+class LoopError(Exception):
+    """The training loop cannot run or cannot be checkpointed as written; the message says how to fix it."""
 
 
 class TrainContext:
@@ -52,7 +52,7 @@ class TrainContext:
                  ray_train: bool = False):
         self.spec, self.rank, self.world_size, self.local_rank = spec, rank, world_size, local_rank
         self.device = device or torch.device("cpu")
-        self.store = CheckpointStore(spec.store, spec.storage_options)
+        self.store = CheckpointStore(spec.settings.store, spec.settings.storage_options)
         self._report = report or (lambda metrics: None)
         self._dist = Collectives(world_size, self.device)
         self._ray_train = ray_train
@@ -137,7 +137,7 @@ class TrainContext:
         epoch = first
         while epoch < self.spec.end_epoch:
             self._begin_epoch(epoch, resume=epoch == first and self._start_batch > 0)
-            faults.at_batch(self.spec.fail, self.store, self.spec.lineage, self.rank, epoch, self._position.batch_in_epoch)
+            faults.at_batch(self.spec.settings.fail, self.store, self.spec.lineage, self.rank, epoch, self._position.batch_in_epoch)
             yield epoch
             if not self._epoch_ended:
                 self.end_epoch()
@@ -166,10 +166,10 @@ class TrainContext:
         self._audit()
         self._position = Position(epoch=epoch, batch_in_epoch=self._position.batch_in_epoch + 1,
                                   epoch_complete=False, step=self._position.step + 1)
-        every = self.spec.checkpoint_every_steps
+        every = self.spec.settings.checkpoint_every_steps
         if every and self._position.step % every == 0 and self._mid_epoch_checkpoint_possible():
             self._checkpoint(report=False)
-        faults.at_batch(self.spec.fail, self.store, self.spec.lineage, self.rank, epoch, self._position.batch_in_epoch)
+        faults.at_batch(self.spec.settings.fail, self.store, self.spec.lineage, self.rank, epoch, self._position.batch_in_epoch)
 
     def end_epoch(self, **metrics: float) -> dict[str, float]:
         """At the end of each epoch, on every rank: commit the epoch. `metrics` (validation...) are
@@ -256,9 +256,9 @@ class TrainContext:
             self._counts[name] = self._counts.get(name, 0.0) + 1
 
     def _audit(self) -> None:
-        if self.spec.sample_log:
+        if self.spec.settings.sample_log:
             for loader in self._loaders:
-                loader.write_audit(self.spec.sample_log, self.rank)
+                loader.write_audit(self.spec.settings.sample_log, self.rank)
 
     # ---- checkpoints
     def _checkpoint(self, report: bool, epoch_metrics: dict[str, float] | None = None) -> dict[str, float]:
@@ -276,7 +276,7 @@ class TrainContext:
             error = self._committer.commit(self._training_state(ranks, sums, counts), metrics)
         self._dist.agree(error)
         line = {**metrics, "epoch": self._position.epoch, "step": self._position.step} if report else None
-        if self.spec.checkpoint_mode == "async":
+        if self.spec.settings.checkpoint_mode == "async":
             # Only now is the previous save known to be committed: report it, hold this one back.
             self._send(self._pending_report)
             self._pending_report = line
@@ -303,20 +303,20 @@ class TrainContext:
                 log.info("resuming %s from %s (epoch %d, batch %d, step %d)", self.spec.lineage, manifest.id,
                          state.position.epoch, state.position.batch_in_epoch, state.position.step)
             return state
-        if self.spec.init_from:
+        if self.spec.settings.init_from:
             return self._warm_start()
         return None
 
     def _warm_start(self) -> TrainingState | None:
-        source, _, selector = self.spec.init_from.partition("@")
-        manifest = self.store.resolve(source, selector or "latest")
+        source, selector = self.spec.settings.init_source
+        manifest = self.store.resolve(source, selector)
         state = decode({name: self.store.read(manifest, name) for name in manifest.files})
         self._objects["model"].load_state_dict(state.model)
         parent = f"{source}/{manifest.id}"
         self._committer and self._committer.resumed_from(parent)
         if self.rank == 0:
-            log.info("warm start of %s from %s (%s)", self.spec.lineage, parent, self.spec.init_mode)
-        if self.spec.init_mode == "weights":
+            log.info("warm start of %s from %s (%s)", self.spec.lineage, parent, self.spec.settings.init_mode)
+        if self.spec.settings.init_mode == "weights":
             return None
         # `full`: the whole training state, but a new lineage starts at epoch 0 with fresh counters.
         return TrainingState(model=state.model, optimizer=state.optimizer, scheduler=state.scheduler,

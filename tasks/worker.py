@@ -29,7 +29,7 @@ def worker_loop(config: dict[str, Any]) -> None:
 
     spec = BlockSpec.model_validate(config)
     context = ray.train.get_context()
-    device = ray.train.torch.get_device() if spec.gpus_per_worker else torch.device("cpu")
+    device = ray.train.torch.get_device() if spec.settings.gpus_per_worker else torch.device("cpu")
     ctx = TrainContext(spec, context.get_world_rank(), context.get_world_size(),
                        local_rank=context.get_local_rank(), device=device, report=ray.train.report, ray_train=True)
     run_loop(ctx)
@@ -38,7 +38,7 @@ def worker_loop(config: dict[str, Any]) -> None:
 def run_local(spec: BlockSpec, report: Callable[[dict[str, Any]], None] | None = None) -> TrainContext:
     """Run the block's loop in this process as the only rank (no Ray, no process group): for
     tests, and for one device without a cluster. Checkpoints go to the same store, the same way."""
-    device = torch.device("cuda", 0) if spec.gpus_per_worker and torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device("cuda", 0) if spec.settings.gpus_per_worker and torch.cuda.is_available() else torch.device("cpu")
     ctx = TrainContext(spec, 0, 1, device=device, report=report)
     run_loop(ctx)
     return ctx
@@ -47,9 +47,9 @@ def run_local(spec: BlockSpec, report: Callable[[dict[str, Any]], None] | None =
 def run_loop(ctx: TrainContext) -> None:
     spec = ctx.spec
     # Same thread count before and after a resume: float reductions stay identical.
-    torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
+    torch.set_num_threads(max(1, int(spec.settings.cpus_per_worker)))
     _importable(spec.import_paths)
-    loop = load_loop(spec.loop) if spec.loop else recipe_loop
+    loop = load_loop(spec.settings.loop) if spec.settings.loop else recipe_loop
     # Model initialisation is the same on every rank and in every attempt.
     torch.manual_seed(spec.params.seed)
     try:
@@ -90,7 +90,7 @@ def load_loop(path: str) -> TrainLoop:
 def recipe_loop(ctx: TrainContext) -> None:
     """The built-in loop: a recipe's model, data and loss, supervised, one optimizer step per batch."""
     spec, params = ctx.spec, ctx.params
-    recipe = load_recipe(spec.recipe)
+    recipe = load_recipe(spec.settings.recipe)
     data = recipe.build_data(params)
     model = recipe.build_model(params)
     optimizer = recipe.build_optimizer(model.parameters(), params)
