@@ -128,13 +128,13 @@ def test_an_on_demand_deployment_run_trains_end_to_end_and_publishes_its_artifac
         assert any(a["key"] == "cleanup-decisions" for a in artifacts(prefect_server, cleanup_id))
 
     # Stopped (Ctrl-C): the schedules are still active, for the next serving process.
-    for name in ("train/nightly-retrain", "cleanup/nightly"):
+    for name in ("nightly-retrain/nightly", "cleanup/nightly"):
         served = deployment(prefect_server, name)
         assert served["paused"] is False and served["schedules"]
         assert all(s["active"] for s in served["schedules"]), served["schedules"]
 
 
-@pytest.mark.parametrize("name, flow_retries", [("train/on-demand", 0), ("train/nightly-retrain", 1)])
+@pytest.mark.parametrize("name, flow_retries", [("train/on-demand", 0), ("nightly-retrain/nightly", 1)])
 def test_a_run_failed_mid_block_and_retried_like_the_ui_button_completes_from_its_latest_checkpoint(
         cluster_env, prefect_server, workdir, name, flow_retries):
     """The retry keeps the flow run id; block 0 is not trained again; block 1 resumes from the
@@ -178,7 +178,7 @@ def test_the_nightly_schedule_fires_and_each_night_warm_starts_from_the_previous
     nightly_store = CheckpointStore(store)
 
     def scheduled_runs_completed() -> list[dict]:
-        nightly = deployment(prefect_server, "train/nightly-retrain")
+        nightly = deployment(prefect_server, "nightly-retrain/nightly")
         runs = api(prefect_server, "POST", "/flow_runs/filter", {
             "flow_runs": {"deployment_id": {"any_": [nightly["id"]]}, "state": {"type": {"any_": ["COMPLETED"]}}},
             "sort": "EXPECTED_START_TIME_ASC"})

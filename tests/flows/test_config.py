@@ -1,0 +1,69 @@
+"""TrainConfig: settings declared once, flags generated from them, the block plan, normalisation."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.config import TrainConfig
+from tasks.settings import TrainSettings
+
+runner = CliRunner()
+
+
+def test_every_config_field_is_a_train_flag_with_its_description():
+    out = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    for name, field in TrainConfig.model_fields.items():
+        flag = f"--{name.replace('_', '-')}"
+        assert flag in out.output, f"{flag} missing from baton train --help"
+        assert field.description.split()[0] in out.output
+
+
+def test_a_flag_reaches_the_config_typed_and_json_flags_are_parsed(tmp_path):
+    out = runner.invoke(app, ["train", "--dry-run", "--store", str(tmp_path), "--cpus-per-worker", "2",
+                              "--gpus-per-worker", "0.5", "--options", '{"width": 8}', "--checkpoint-mode", "async"])
+    assert out.exit_code == 0, out.output
+    config = json.loads(out.output)["config"]
+    assert (config["cpus_per_worker"], config["gpus_per_worker"]) == (2.0, 0.5)
+    assert config["options"] == {"width": 8} and config["checkpoint_mode"] == "async"
+
+
+def test_a_bad_flag_value_is_refused_naming_the_field():
+    out = runner.invoke(app, ["train", "--dry-run", "--gpus-per-worker", "-1"])
+    assert out.exit_code == 2 and "gpus_per_worker" in out.output
+
+
+def test_blocks_cover_the_epochs_and_carry_the_settings_unchanged(tmp_path):
+    config = TrainConfig(store=str(tmp_path), lineage="plan", epochs=5, epochs_per_block=2, workers=3,
+                         gpus_per_worker=1, options={"k": 1})
+    blocks = config.blocks(fence=7)
+    assert [(b.start_epoch, b.end_epoch) for b in blocks] == [(0, 2), (2, 4), (4, 5)]
+    assert all(b.settings == config.settings() and b.fence == 7 and b.lineage == "plan" for b in blocks)
+    assert blocks[0].params.options == {"k": 1} and blocks[0].import_paths == [os.getcwd()]
+    assert set(type(blocks[0].settings).model_fields) == set(TrainSettings.model_fields)
+
+
+def test_a_relative_store_is_made_absolute_once_and_urls_are_kept(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert TrainConfig(store="ckpts").store == str(tmp_path / "ckpts")
+    assert TrainConfig(store="s3://bucket/runs").store == "s3://bucket/runs"
+    assert TrainConfig(sample_log="samples").sample_log == str(tmp_path / "samples")
+
+
+def test_init_from_is_validated_and_parsed_into_lineage_and_selector():
+    assert TrainConfig(init_from="base").init_source == ("base", "latest")
+    assert TrainConfig(init_from="base@best").init_from == "base@best"
+    with pytest.raises(ValueError, match="init_from is LINEAGE"):
+        TrainConfig(init_from="../escape@latest")
+
+
+def test_a_loop_names_the_derived_lineage_and_changes_the_config_hash():
+    plain = TrainConfig()
+    looped = TrainConfig(loop="examples.digits:train_loop")
+    assert looped.resolved_lineage().startswith("digits-") and looped.config_hash() != plain.config_hash()
+    assert TrainConfig(loop="examples.digits:train_loop", cpus_per_worker=2).config_hash() != looped.config_hash()
