@@ -32,10 +32,12 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     except (OSError, yaml.YAMLError) as err:
         err_console.print(f"[red]cannot read config file {path}: {err}[/red]")
         raise typer.Exit(2) from err
-    if not isinstance(data, dict):
-        err_console.print(f"[red]config file {path} must hold a mapping of field: value[/red]")
+    fields = data.get("config", data) if isinstance(data, dict) else data
+    if not isinstance(fields, dict):
+        err_console.print(f"config file {path} must hold a mapping of field: value (at top level or under "
+                          f"`config:`), not {type(fields).__name__} {fields!r}", style="red", markup=False)
         raise typer.Exit(2)
-    return data.get("config", data)
+    return fields
 
 
 def _json_flag(name: str, text: str) -> Any:

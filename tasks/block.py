@@ -99,6 +99,41 @@ def _datasets(spec: BlockSpec) -> dict | None:
     return {name: load_loop(path)(spec.params) for name, path in spec.settings.datasets.items()}
 
 
+class NotEnoughResources(RuntimeError):
+    """The Ray cluster cannot hold the block's workers (Ray Train would wait for them forever)."""
+
+
+def _missing_resources(spec: BlockSpec) -> dict[str, tuple[float, float]]:
+    import ray
+
+    total, settings = ray.cluster_resources(), spec.settings
+    needed = {"CPU": settings.workers * settings.cpus_per_worker, "GPU": settings.workers * settings.gpus_per_worker}
+    return {kind: (amount, total.get(kind, 0.0)) for kind, amount in needed.items() if amount > total.get(kind, 0.0)}
+
+
+def _wait_for_resources(spec: BlockSpec, logger) -> None:
+    """Fail in bounded time when the cluster is too small, instead of Ray Train's endless
+    "worker group startup timed out" retries; an autoscaler gets `resources_timeout_s` to add nodes."""
+    deadline = time.monotonic() + spec.settings.resources_timeout_s
+    missing = _missing_resources(spec)
+    if missing:
+        logger.warning("waiting up to %.0f s for the Ray cluster to grow: %s", spec.settings.resources_timeout_s,
+                       _describe(missing))
+    while missing and time.monotonic() < deadline:
+        time.sleep(2)
+        missing = _missing_resources(spec)
+    if missing:
+        s = spec.settings
+        raise NotEnoughResources(
+            f"block {spec.index} needs {s.workers} workers x ({s.cpus_per_worker:g} CPU, {s.gpus_per_worker:g} GPU) "
+            f"but the Ray cluster has {_describe(missing)}: lower --workers, --cpus-per-worker or "
+            f"--gpus-per-worker, or add nodes to the cluster (--resources-timeout-s waits for an autoscaler)")
+
+
+def _describe(missing: dict[str, tuple[float, float]]) -> str:
+    return ", ".join(f"{have:g} {kind} of the {need:g} needed" for kind, (need, have) in missing.items())
+
+
 def run_block(spec: BlockSpec, logger) -> tuple[CheckpointRef, bool]:
     """Train the block unless the store already has it. Returns (latest ref, trained?)."""
     from ray.train import FailureConfig, RunConfig
@@ -114,6 +149,7 @@ def run_block(spec: BlockSpec, logger) -> tuple[CheckpointRef, bool]:
                     spec.index, spec.lineage, latest.epochs_done, latest.id)
         return store.ref(latest), False
     _warn_if_store_not_shared(store, logger)
+    _wait_for_resources(spec, logger)
     start = f"checkpoint {latest.id}" if latest else "scratch"
     logger.info("block %d: training %s epochs %d-%d on %d workers from %s", spec.index, spec.lineage,
                 spec.start_epoch, spec.end_epoch - 1, spec.settings.workers, start)

@@ -20,6 +20,7 @@ data-loader position and the metric sums travel in the checkpoint without user c
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Callable, Iterator
 
@@ -42,6 +43,10 @@ _TOP_LEVEL = ("model", "optimizer", "scheduler")
 
 class LoopError(Exception):
     """The training loop cannot run or cannot be checkpointed as written; the message says how to fix it."""
+
+
+class NonFiniteMetric(LoopError):
+    """A metric (the loss) is NaN or infinite: the block stops before committing anything of it."""
 
 
 class TrainContext:
@@ -252,6 +257,12 @@ class TrainContext:
     def _add(self, metrics: dict[str, float]) -> None:
         for name, value in metrics.items():
             value = float(value.detach().float().item() if isinstance(value, torch.Tensor) else value)
+            if not math.isfinite(value):
+                # Nothing from this step on is committed: the last checkpoint stays the newest.
+                raise NonFiniteMetric(
+                    f"{name} is {value} at epoch {self._epoch} step {self._position.step + 1} on rank {self.rank}: "
+                    f"training diverged, so no checkpoint is committed from this step on (the newest is the "
+                    f"last good one). Lower the learning rate (--lr) or check the data, then run again")
             self._sums[name] = self._sums.get(name, 0.0) + value
             self._counts[name] = self._counts.get(name, 0.0) + 1
 

@@ -7,6 +7,7 @@ default) and `tasks.recipes:digits` (an MLP on scikit-learn's bundled digits dat
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -64,16 +65,31 @@ def load_recipe(path: str) -> Recipe:
         raise RecipeError(f"recipe {path!r} is not of the form 'module:attr' (for example 'tasks.recipes:digits')")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise RecipeError(f"recipe {path!r}: cannot import module {module_name!r} ({err}); "
-                          "is it installed or on PYTHONPATH?") from err
+    except Exception as err:  # a syntax error or a failing import in the user's module: theirs to fix
+        raise RecipeError(f"recipe {path!r}: cannot import module {module_name!r} ({type(err).__name__}: {err}); "
+                          "is it installed or on PYTHONPATH, and does it import on its own?") from None
     target = getattr(module, attr, None)
     if target is None:
         raise RecipeError(f"recipe {path!r}: module {module_name!r} has no attribute {attr!r}")
-    recipe = target if isinstance(target, Recipe) else (target() if callable(target) else None)
+    if isinstance(target, Recipe):
+        return target
+    return _call_factory(path, target)
+
+
+def _call_factory(path: str, target: Any) -> Recipe:
+    """A recipe factory is a Python function taking no argument. Anything else (a builtin such as
+    `sys.exit` or `os.system`, a class, a function that needs arguments) is refused uncalled."""
+    if not inspect.isfunction(target) or any(
+            p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            for p in inspect.signature(target).parameters.values()):
+        raise RecipeError(f"recipe {path!r} is a {type(target).__name__}, not a tasks.recipes.Recipe or a "
+                          "function of no arguments returning one")
+    try:
+        recipe = target()
+    except BaseException as err:  # SystemExit too: a recipe factory must not end the process
+        raise RecipeError(f"recipe {path!r}: building the recipe failed ({type(err).__name__}: {err})") from None
     if not isinstance(recipe, Recipe):
-        raise RecipeError(f"recipe {path!r} is a {type(target).__name__}, not a tasks.recipes.Recipe "
-                          "(or a callable returning one)")
+        raise RecipeError(f"recipe {path!r} returned a {type(recipe).__name__}, not a tasks.recipes.Recipe")
     return recipe
 
 

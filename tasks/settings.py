@@ -57,7 +57,8 @@ def local_path(value: str | None) -> str | None:
 class TrainSettings(BaseModel):
     """How to train: store, model or loop, workers and resources, checkpointing, warm start."""
 
-    model_config = ConfigDict(extra="forbid", strict=False)
+    # Strict: `epochs: true` or `workers: "2"` in a YAML file is an error, not 1 or 2.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     store: str = Field("./checkpoints", description="Checkpoint store: a local folder or an fsspec URL "
                        "(s3://bucket/prefix).")
@@ -78,8 +79,11 @@ class TrainSettings(BaseModel):
     datasets: dict[str, str] = Field(default_factory=dict, description="Ray Data sets for the loop's "
                                      "ctx.dataset_shard(name): name -> module:attr of a function(params) "
                                      "returning a ray.data.Dataset.")
+    resources_timeout_s: float = Field(60.0, ge=0, description="Seconds a block waits for the Ray cluster to "
+                                       "hold the CPUs and GPUs its workers need (an autoscaler adding nodes) "
+                                       "before it fails, naming what is missing.")
     seed: int = Field(0, ge=0, description="Seed of model init, data order and every rank's RNG.")
-    lr: float | None = Field(None, gt=0, description="Learning rate (recipe default when unset).")
+    lr: float | None = Field(None, gt=0, allow_inf_nan=False, description="Learning rate (recipe default when unset).")
     batch_size: int | None = Field(None, ge=1, description="Per-worker batch size (recipe default when unset).")
     checkpoint_every_steps: int | None = Field(None, ge=1, description="Also commit a checkpoint every N "
                                                "optimizer steps (mid-epoch); every epoch always commits.")

@@ -67,3 +67,12 @@ def test_a_loop_names_the_derived_lineage_and_changes_the_config_hash():
     looped = TrainConfig(loop="examples.digits:train_loop")
     assert looped.resolved_lineage().startswith("digits-") and looped.config_hash() != plain.config_hash()
     assert TrainConfig(loop="examples.digits:train_loop", cpus_per_worker=2).config_hash() != looped.config_hash()
+
+
+@pytest.mark.parametrize("text, says", [("config: 5\n", "not int 5"), ("config:\n", "not NoneType"),
+                                        ("- 1\n- 2\n", "not list"), ("epochs: true\n", "epochs")])
+def test_a_config_file_of_the_wrong_shape_or_type_is_refused_with_a_message(tmp_path, text, says):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    out = runner.invoke(app, ["train", "--dry-run", "--config", str(path)])
+    assert out.exit_code == 2 and says in out.output and "Traceback" not in out.output

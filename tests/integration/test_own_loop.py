@@ -105,3 +105,12 @@ def test_a_ray_data_loop_resumes_exactly_at_epoch_ends_and_an_interrupted_epoch_
     assert all(m.position.epoch_complete for m in st.list("split"))
     assert "resuming split from 000000-" in out.stderr
     assert st.latest("split").digest == st.latest("one").digest
+
+
+def test_more_workers_than_the_cluster_holds_fail_in_bounded_time_naming_the_resources(cluster_env, workdir):
+    started = time.monotonic()
+    out = run_baton(["train", "--store", str(workdir / "ckpts"), "--lineage", "toobig", "--workers", "5",
+                     "--resources-timeout-s", "2", "--block-retries", "0"], cluster_env, workdir, timeout=300)
+    assert out.returncode != 0
+    assert "needs 5 workers x (1 CPU, 0 GPU) but the Ray cluster has 4 CPU of the 5 needed" in out.stdout + out.stderr
+    assert time.monotonic() - started < 120

@@ -97,3 +97,31 @@ def test_a_loop_that_cannot_be_imported_is_refused_by_the_config_naming_the_fiel
     with pytest.raises(ValueError, match=message) as err:
         TrainConfig(loop=loop)
     assert "loop" in str(err.value)
+
+
+def test_a_non_finite_loss_stops_the_block_and_commits_nothing_from_that_step(tmp_path):
+    from tasks.context import NonFiniteMetric
+
+    with pytest.raises(NonFiniteMetric, match="Lower the learning rate"):
+        _train(tmp_path, "diverged", recipe="tasks.recipes:digits", lr=1e30, epochs=2, checkpoint_every_steps=2)
+    committed = CheckpointStore(str(tmp_path)).list("diverged")
+    assert all(m.metrics.get("loss", 0.0) == m.metrics.get("loss", 0.0) for m in committed)  # no NaN committed
+    assert all(abs(v) != float("inf") for m in committed for v in m.metrics.values())
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ("sys:exit", "not a tasks.recipes.Recipe or a function of no arguments"),
+    ("os:system", "not a tasks.recipes.Recipe or a function of no arguments"),
+    ("shutil:rmtree", "not a tasks.recipes.Recipe or a function of no arguments"),
+    ("tests.tasks.broken_recipe:anything", "cannot import module 'tests.tasks.broken_recipe' (ZeroDivisionError"),
+])
+def test_a_recipe_is_validated_without_calling_arbitrary_callables(recipe, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        TrainConfig(recipe=recipe)
+
+
+@pytest.mark.parametrize("values, field", [({"epochs": True}, "epochs"), ({"workers": "2"}, "workers"),
+                                           ({"lr": "0.1"}, "lr")])
+def test_config_types_are_strict(values, field):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig.model_validate(values)
