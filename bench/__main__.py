@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 from ._common import MiB, Result
 
-SUITE = ("save_vs_disk", "async_stall_vs_sync", "resume_vs_fresh", "cleanup_10k_s", "flow_vs_plain", "loop_vs_plain")
+SUITE = ("save_vs_disk", "async_stall_vs_sync", "resume_vs_fresh", "cleanup_10k_s", "cleanup_dry_run_1k_s", "flow_vs_plain", "loop_vs_plain")
 
 
 def _machine() -> dict[str, str]:
@@ -46,6 +46,8 @@ def run(names: list[str], quick: bool, where: str | None) -> list[Result]:
             results.append(loop.loop_vs_plain(reps=1 if quick else 3))
         elif name == "cleanup_10k_s":
             results.append(cleanup.cleanup(where=where))
+        elif name == "cleanup_dry_run_1k_s":
+            results.append(cleanup.cleanup_dry_run_cli(where=where))
         else:
             raise SystemExit(f"unknown benchmark {name!r}; choose from {', '.join(SUITE)}")
         print(f"    {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)

@@ -102,3 +102,32 @@ def cleanup(lineages: int = 100, per_lineage: int = 100, keep_last: int = 10, wh
             note=f"prune(keep_last={keep_last}) over the whole store")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def cleanup_dry_run_cli(lineages: int = 10, per_lineage: int = 100, keep_last: int = 3, where: str | None = None) -> Result:
+    """`baton cleanup STORE --dry-run` as a user runs it: a whole process, with no Prefect server
+    (PREFECT_API_URL unset), over 1,000 checkpoints; imports and start-up are part of the figure."""
+    import subprocess
+    import sys
+
+    root = tempfile.mkdtemp(prefix="baton-bench-cleanup-cli-", dir=where)
+    try:
+        _populate(root, lineages, per_lineage)
+        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+        baton = os.path.join(os.path.dirname(sys.executable), "baton")
+        started = time.perf_counter()
+        out = subprocess.run([baton, "cleanup", root, "--keep-last", str(keep_last), "--dry-run"], env=env,
+                             capture_output=True, text=True, timeout=300)
+        seconds = time.perf_counter() - started
+        if out.returncode != 0:
+            raise RuntimeError(f"baton cleanup failed ({out.returncode}):\n{out.stderr[-2000:]}")
+        summary = out.stdout.strip().splitlines()[-1]
+        untouched = sum(len(CheckpointStore(root).list(name)) for name in CheckpointStore(root).lineages())
+        return Result("cleanup_dry_run_1k_s", seconds, "< 5 s", seconds < 5, unit="s", detail={
+            "checkpoints": lineages * per_lineage, "lineages": lineages,
+            "would_delete": lineages * (per_lineage - keep_last),
+            "summary_ok": summary.startswith(f"would delete {lineages * (per_lineage - keep_last)},"),
+            "nothing_deleted": untouched == lineages * per_lineage},
+            note=f"`baton cleanup --keep-last {keep_last} --dry-run`, a whole process, no PREFECT_API_URL")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
