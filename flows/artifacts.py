@@ -50,17 +50,23 @@ def _warn(what: str, err: Exception) -> None:
 
 
 class TrainProgress:
-    """A progress artifact of the epochs the lineage has committed, out of the epochs asked for."""
+    """A progress artifact of the epochs the lineage has committed, out of the epochs asked for:
+    one per flow run. A retried run (same flow run id) moves its own bar on, rather than leaving a
+    stale one behind and adding a second."""
 
     def __init__(self, lineage: str, epochs: int, epochs_done: int):
-        self.lineage, self.epochs, self.shown = lineage, epochs, epochs_done
+        self.lineage, self.epochs, self.shown = lineage, epochs, None
         self.artifact_id = None
+        key = artifact_key(lineage, "progress")
         try:
-            self.artifact_id = create_progress_artifact(
-                self._percent(epochs_done), key=artifact_key(lineage, "progress"),
-                description=f"epochs of {lineage} committed, out of {epochs}")
+            self.artifact_id = _run_artifact_id(key, "progress")
+            if self.artifact_id is None:
+                self.artifact_id = create_progress_artifact(
+                    self._percent(epochs_done), key=key, description=f"epochs of {lineage} committed, out of {epochs}")
+                self.shown = epochs_done
         except Exception as err:
             _warn("progress", err)
+        self.update(epochs_done)
 
     def _percent(self, epochs_done: int) -> float:
         return round(100.0 * min(epochs_done, self.epochs) / self.epochs, 1)
@@ -73,6 +79,13 @@ class TrainProgress:
             self.shown = epochs_done
         except Exception as err:
             _warn("progress", err)
+
+    def update_from(self, store: CheckpointStore) -> None:
+        try:
+            latest = store.latest(self.lineage)
+        except Exception:  # a listing error must not hide the error being handled
+            return
+        self.update(latest.epochs_done if latest else 0)
 
     def follow(self, future, store: CheckpointStore, poll_s: float = 2.0):
         """Wait for a block's result, moving the bar as its epochs are committed."""
@@ -88,6 +101,28 @@ class TrainProgress:
                 continue
             self.update(ref.epochs_done)
             return ref
+
+
+def _run_artifact_id(key: str, kind: str):
+    """The id of this flow run's artifact of that key and type, if an earlier attempt made one."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+        ArtifactFilterType,
+    )
+
+    run_id = flow_run.get_id()
+    if run_id is None:
+        return None
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(run_id)]),
+            type=ArtifactFilterType(any_=[kind])))
+    return found[0].id if found else None
 
 
 # ---- who committed what --------------------------------------------------------------------------

@@ -103,7 +103,10 @@ def _config_flags() -> list[inspect.Parameter]:
     for name, field in TrainConfig.model_fields.items():
         kind, note = _flag_type(field.annotation)
         text = (field.description or "") + (f" ({note})" if note else "") + _default_text(field)
-        option = typer.Option(None, f"--{name.replace('_', '-')}", help=text, show_default=False)
+        flag = f"--{name.replace('_', '-')}"
+        if kind is bool:
+            flag = f"{flag}/--no-{name.replace('_', '-')}"
+        option = typer.Option(None, flag, help=text, show_default=False)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                         annotation=Optional[kind]))
     return params
@@ -116,7 +119,7 @@ def _json_fields() -> set[str]:
 
 
 def _train(config_file: Optional[Path] = None, ray_address: Optional[str] = None, as_json: bool = False,
-           dry_run: bool = False, **fields: Any) -> None:
+           dry_run: bool = False, verbose: bool = False, **fields: Any) -> None:
     """Train a lineage to --epochs, resuming from its latest committed checkpoint."""
     json_fields = _json_fields()
     flags = {k: (_json_flag(f"--{k.replace('_', '-')}", v) if k in json_fields and v is not None else v)
@@ -132,18 +135,56 @@ def _train(config_file: Optional[Path] = None, ray_address: Optional[str] = None
     if os.environ.get("RAY_ADDRESS"):
         # Ray 2.60 clusters have token authentication on; a driver must say so to connect.
         os.environ.setdefault("RAY_AUTH_MODE", "token")
-    from .train import train as train_flow
+    if verbose:
+        from .train import train as train_flow
 
-    summary = _run_flow(train_flow, config=config)
-    if as_json:
-        print(summary.model_dump_json(indent=2))
+        _print_summary(console, _run_flow(train_flow, config=config), as_json, None)
         return
-    final = summary.final
-    console.print(f"[bold green]lineage {summary.lineage}[/bold green]: trained {summary.epochs_trained} "
-                  f"epoch(s) in {summary.wall_time_s:.1f} s, at epoch {final.epochs_done if final else 0} "
-                  f"of {summary.epochs}")
-    if final:
-        console.print(f"final checkpoint {final.id}: {json.dumps(final.metrics)}\n  {final.uri}")
+    _train_quietly(config, as_json)
+
+
+def _train_quietly(config, as_json: bool) -> None:
+    """Ray's and Prefect's own output to a log file; Baton's lines, a progress display and the
+    summary to the terminal (live on a terminal, plain lines otherwise)."""
+    from ckpt import CheckpointStore
+
+    from ._terminal import QuietOutput, TrainMonitor, default_log_path
+
+    lineage = config.resolved_lineage()
+    log_path = default_log_path(lineage)
+    quiet = QuietOutput(log_path, show=lambda line: None)
+    failed: BaseException | None = None
+    with quiet:
+        out, err = Console(file=quiet.stdout), Console(file=quiet.stderr)
+        err.print(f"baton train {lineage}: Ray and Prefect output goes to {log_path} (--verbose shows it here)",
+                  markup=False, highlight=False, style="dim")
+        store = CheckpointStore(config.store, config.storage_options)
+        monitor = TrainMonitor(store, lineage, config.epochs, err, live=err.is_terminal and not as_json)
+        quiet.show = monitor.print
+        try:
+            with monitor:
+                from .train import train as train_flow
+
+                summary = _run_flow(train_flow, err=err, config=config)
+        except (typer.Exit, Exception, KeyboardInterrupt) as caught:
+            failed = caught
+    if failed is not None:
+        if not isinstance(failed, (typer.Exit, KeyboardInterrupt)):
+            err.print(f"baton train failed: {type(failed).__name__}: {failed}", style="red", markup=False)
+        err.print(f"full log: {log_path}", markup=False, highlight=False)
+        if isinstance(failed, (typer.Exit, KeyboardInterrupt)):
+            raise failed
+        raise typer.Exit(1)
+    _print_summary(out, summary, as_json, log_path)
+
+
+def _print_summary(out: Console, summary, as_json: bool, log_path: Optional[Path]) -> None:
+    if as_json:
+        out.print(summary.model_dump_json(indent=2), markup=False, highlight=False, soft_wrap=True)
+        return
+    from ._terminal import summary_table
+
+    out.print(summary_table(summary, log_path))
 
 
 def _register_train() -> None:
@@ -158,6 +199,9 @@ def _register_train() -> None:
         inspect.Parameter("dry_run", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
                           default=typer.Option(False, "--dry-run", help="Validate and print the config and "
                                                "block plan; train nothing.")),
+        inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--verbose", "-v", help="Show Ray's and Prefect's own "
+                                               "output too (by default it goes to a log file the summary names).")),
     ]
     params = fixed + _config_flags()
 
@@ -172,20 +216,25 @@ def _register_train() -> None:
 
 _register_train()
 
-def _run_flow(flow_fn, **params):
+def _run_flow(flow_fn, err: Optional[Console] = None, **params):
     """Run a flow against PREFECT_API_URL, or a Prefect server started for this command."""
-    from ._server import prefect_api
+    from ._server import ServerStartError, prefect_api
 
-    with prefect_api():
-        state = flow_fn(**params, return_state=True)
-        if not state.is_completed():
-            err_console.print(f"[red]{flow_fn.name} failed: {state.message}[/red]")
-            try:
-                state.result()
-            except Exception as err:
-                err_console.print(f"[red]{type(err).__name__}: {err}[/red]")
-            raise typer.Exit(1)
-        return state.result()
+    err = err or err_console
+    try:
+        with prefect_api():
+            state = flow_fn(**params, return_state=True)
+            if not state.is_completed():
+                err.print(f"{flow_fn.name} failed: {state.message}", style="red", markup=False)
+                try:
+                    state.result()
+                except Exception as error:
+                    err.print(f"{type(error).__name__}: {error}", style="red", markup=False)
+                raise typer.Exit(1)
+            return state.result()
+    except ServerStartError as error:
+        err.print(f"cannot start a Prefect server: {error}", style="red", markup=False)
+        raise typer.Exit(1) from None
 
 
 @app.command()

@@ -38,13 +38,31 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
                  "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
                  "BATON_FAULT_OMIT_STATE")
 
+# The block tasks run in Ray workers, whose Prefect log records are shipped to the API in batches;
+# a short interval, and a wait of a little more at the end of the run, make sure the last block's
+# lines ("done", "Completed") reach the UI before Ray stops those workers (or the temporary server stops).
+WORKER_LOG_BATCH_S = 0.5
+
 
 def ray_init_kwargs() -> dict:
     """`ray.init` arguments from the environment as it is now: Ray Train settings and the storage
     credentials the workers need."""
     env = dict(RAY_TRAIN_ENV)
+    env.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", str(WORKER_LOG_BATCH_S))
     env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
     return {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+
+
+def own_cluster_options() -> dict:
+    """Ray options that tell a block task (and the Ray Train actors it starts, which inherit its
+    runtime env) the address of the cluster it runs on. Without it Ray Train's PlacementGroupCleaner
+    asks for address "auto" and, with a second Ray instance on the machine (two runs side by side),
+    prints a traceback "Found multiple active Ray instances" and stops cleaning (FACTS.md)."""
+    import ray
+
+    if not ray.is_initialized():
+        return {}
+    return {"runtime_env": {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}}}
 
 
 class RayRunner(RayTaskRunner):
@@ -137,20 +155,23 @@ def run_training(config: TrainConfig, tags: Iterable[str] = ()) -> TrainSummary:
             for spec in config.blocks(fence=lease.fence):
                 done = ref.epochs_done if ref else 0
                 # The orchestrating task takes no CPU: the block's Ray Train workers need them all.
-                with remote_options(num_cpus=0):
+                with remote_options(num_cpus=0, **own_cluster_options()):
                     ref = progress.follow(block.submit(spec), store)
                 blocks_trained += ref.epochs_done > done
                 if lease.lost is not None:
                     raise lease.lost
     except Exception as err:
         # Exactly when a person needs them: what is committed, and where a Retry will resume.
+        progress.update_from(store)
         publish_failure(store, lineage, config.epochs, err)
+        time.sleep(2 * WORKER_LOG_BATCH_S)  # the failed block's last lines, to the UI
         raise
     summary = TrainSummary(lineage=lineage, store=store.url, epochs=config.epochs,
                            epochs_trained=max(0, (ref.epochs_done if ref else 0) - epochs_before),
                            blocks_trained=blocks_trained, final=ref, wall_time_s=time.monotonic() - started)
     _log_summary(logger, summary)
     publish_run(store, summary)
+    time.sleep(2 * WORKER_LOG_BATCH_S)  # the last block's "done" and "Completed" lines, to the UI
     return summary
 
 

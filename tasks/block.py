@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
+from typing import Any, Callable
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -25,19 +27,73 @@ def _log_checkpoint(logger, manifest: Manifest) -> None:
     logger.info("%s %d  step %d  %s  (checkpoint %s)", where, manifest.epoch, manifest.step, metrics, manifest.id)
 
 
+def _relaying(loop: Callable[[dict], Any], queue) -> Callable[[dict], Any]:
+    """The workers' loop, with their `baton.worker` log records (resume point, "ready to train in N s",
+    warnings) also sent to `queue`, which the block task reads: those lines then go through Prefect's
+    run logger to the flow run's logs in the UI, not only to the Ray worker's own output."""
+
+    def train_loop(config: dict) -> Any:
+        import ray.train
+
+        rank = ray.train.get_context().get_world_rank()
+
+        class Relay(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                try:  # fire and forget: calls from one worker to the queue actor stay in order
+                    queue.actor.put_nowait.remote((rank, record.levelno, record.getMessage()))
+                except Exception:
+                    pass
+
+        handler = Relay(logging.INFO)
+        logger = logging.getLogger("baton.worker")
+        logger.addHandler(handler)
+        try:
+            return loop(config)
+        finally:
+            logger.removeHandler(handler)
+
+    train_loop.__name__ = getattr(loop, "__name__", "train_loop")
+    return train_loop
+
+
+class _WorkerLogs:
+    """A Ray queue (an actor that takes no CPU) of the workers' log records, for one block."""
+
+    def __init__(self):
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})
+
+    def wrap(self, loop: Callable[[dict], Any]) -> Callable[[dict], Any]:
+        return _relaying(loop, self.queue)
+
+    def drain(self, logger) -> None:
+        waiting = self.queue.qsize()
+        for rank, level, message in self.queue.get_nowait_batch(waiting) if waiting else []:
+            logger.log(level, "%s%s", "" if rank == 0 else f"rank {rank}: ", message)
+
+    def close(self) -> None:
+        import ray
+
+        ray.kill(self.queue.actor)
+
+
 class _CommitWatcher:
     """Logs each checkpoint the workers commit, as it appears, through Prefect's run logger, and
-    prunes the lineage after each commit when the block has a retention policy."""
+    prunes the lineage after each commit when the block has a retention policy. With `worker_logs`,
+    also logs what the workers log (the resume point first, then the commits)."""
 
     def __init__(self, store: CheckpointStore, lineage: str, logger, interval_s: float = 0.5,
-                 policy: RetentionPolicy | None = None):
+                 policy: RetentionPolicy | None = None, worker_logs: _WorkerLogs | None = None):
         self.store, self.lineage, self.logger, self.interval_s = store, lineage, logger, interval_s
-        self.policy = policy
+        self.policy, self.worker_logs = policy, worker_logs
         self.seen = {m.id for m in store.list(lineage)}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name=f"watch-{lineage}")
 
     def _poll(self) -> None:
+        if self.worker_logs is not None:
+            self.worker_logs.drain(self.logger)
         fresh = [m for m in self.store.list(self.lineage) if m.id not in self.seen]
         for manifest in fresh:
             self.seen.add(manifest.id)
@@ -61,7 +117,11 @@ class _CommitWatcher:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self._poll()
+        try:
+            self._poll()
+        finally:
+            if self.worker_logs is not None:
+                self.worker_logs.close()
 
 
 def _warn_if_store_not_shared(store: CheckpointStore, logger) -> None:
@@ -134,6 +194,35 @@ def _describe(missing: dict[str, tuple[float, float]]) -> str:
     return ", ".join(f"{have:g} {kind} of the {need:g} needed" for kind, (need, have) in missing.items())
 
 
+def _flow_run_id() -> str | None:
+    from prefect.runtime import flow_run
+
+    return flow_run.get_id()
+
+
+def _run_warm(spec: BlockSpec, store: CheckpointStore, start: Manifest | None, flow_run: str, logger) -> CheckpointRef | None:
+    """The block on the flow run's warm worker group; None when the group's actor is gone (the
+    block then starts a fresh fit from the store)."""
+    import ray
+
+    from . import warm
+
+    named = spec.model_copy(update={"warm_group": warm.group_name(spec, flow_run)})
+    try:
+        with _CommitWatcher(store, spec.lineage, logger, policy=spec.settings.prune):
+            result = warm.run_block(named, start.id if start else None, flow_run, logger)
+    except ray.exceptions.RayActorError as err:
+        logger.warning("the warm worker group of %s is gone (%s): block %d starts a fresh one from the store",
+                       spec.lineage, type(err).__name__, spec.index)
+        return None
+    how = "a new worker group" if result["fresh"] else "the warm worker group, no restart"
+    logger.info("block %d trained on %s (worker pids %s)", spec.index, how, ", ".join(map(str, result["pids"])))
+    latest = store.latest(spec.lineage)
+    if latest is None or latest.epochs_done < spec.end_epoch:
+        raise RuntimeError(f"block {spec.index} finished but {spec.lineage} has no checkpoint at epoch {spec.end_epoch}")
+    return store.ref(latest)
+
+
 def run_block(spec: BlockSpec, logger) -> tuple[CheckpointRef, bool]:
     """Train the block unless the store already has it. Returns (latest ref, trained?)."""
     from ray.train import FailureConfig, RunConfig
@@ -153,15 +242,21 @@ def run_block(spec: BlockSpec, logger) -> tuple[CheckpointRef, bool]:
     start = f"checkpoint {latest.id}" if latest else "scratch"
     logger.info("block %d: training %s epochs %d-%d on %d workers from %s", spec.index, spec.lineage,
                 spec.start_epoch, spec.end_epoch - 1, spec.settings.workers, start)
+    flow_run = _flow_run_id()
+    if spec.settings.warm_workers and flow_run:
+        ref = _run_warm(spec, store, latest, flow_run, logger)
+        if ref is not None:
+            return ref, True
+    worker_logs = _WorkerLogs()
     trainer = TorchTrainer(
-        worker_loop,
+        worker_logs.wrap(worker_loop),
         train_loop_config=spec.model_dump(mode="json"),
         scaling_config=_scaling(spec),
         datasets=_datasets(spec),
         run_config=RunConfig(name=f"baton-{spec.lineage}-block{spec.index}-{uuid.uuid4().hex[:8]}",
                              failure_config=FailureConfig(max_failures=spec.settings.max_failures)),
     )
-    with _CommitWatcher(store, spec.lineage, logger, policy=spec.settings.prune):
+    with _CommitWatcher(store, spec.lineage, logger, policy=spec.settings.prune, worker_logs=worker_logs):
         trainer.fit()
     latest = store.latest(spec.lineage)
     if latest is None or latest.epochs_done < spec.end_epoch:
