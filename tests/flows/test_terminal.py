@@ -1,0 +1,97 @@
+"""What `baton train` shows at a terminal: Baton's lines only, Ray's and Prefect's chatter in the
+log file, a progress line per commit off a terminal, and a short summary table."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import torch
+from rich.console import Console
+
+from ckpt import CheckpointRef, CheckpointStore, Position, TrainingState, encode
+from flows._terminal import QuietOutput, TrainMonitor, baton_line, summary_table
+from flows.train import TrainSummary
+
+# Lines as a 2-block `baton train` printed them (Ray's colour codes included).
+RAY_CHATTER = [
+    "\x1b[36m(RayTrainWorker pid=29309)\x1b[0m Reporting training result 1: TrainingReport(checkpoint=None, "
+    "metrics={'loss': 0.6910372227430344, 'epoch': 0, 'step': 4}, validation=False) from rank 0",
+    "\x1b[36m(TrainController pid=29131)\x1b[0m [2026-11-28 06:47:15,218 E 29131 29179] core_worker.cc:2465: Actor "
+    "with class name: 'PreemptionWatcher' and ID: '290e3d4e3ceacd18459f6a9401000000' has constructor arguments",
+    "\x1b[36m(PlacementGroupCleaner pid=29272)\x1b[0m Traceback (most recent call last):",
+    "\x1b[36m(PlacementGroupCleaner pid=29272)\x1b[0m ConnectionError: Found multiple active Ray instances: "
+    "{'192.0.2.2:36729', '192.0.2.2:44057'}.",
+    "2026-11-28 06:46:53,844\tINFO worker.py:2029 -- Started a local Ray instance. View the dashboard at "
+    "\x1b[1m\x1b[32mhttp://127.0.0.1:8265 \x1b[39m\x1b[22m",
+    "06:46:46.439 | INFO    | prefect.task_runner.rayrunner - Creating a local Ray instance",
+    "06:46:35.233 | INFO    | prefect - Starting temporary server on http://127.0.0.1:8206",
+    "\x1b[36m(TrainController pid=29131)\x1b[0m Requesting resources: {'CPU': 1.0} * 2",
+    "\x1b[36m(train-block pid=29052)\x1b[0m 06:47:19.843 | INFO    | Task run 'block-0' - Finished in state Completed()",
+    "06:46:55.474 | INFO    | Flow run 'garnet-roadrunner' - Beginning flow run 'garnet-roadrunner' for flow 'train'",
+]
+
+
+def test_ray_and_prefect_chatter_is_not_shown_and_baton_run_lines_are_shortened():
+    assert [line for line in RAY_CHATTER if baton_line(line) is not None] == []
+    task = ("\x1b[36m(train-block pid=29052)\x1b[0m 06:47:19.612 | INFO    | Task run 'block-0' - end of epoch 0  "
+            "step 4  loss 0.6910  (checkpoint 000000-0000000004)")
+    assert baton_line(task) == "06:47:19 block-0: end of epoch 0  step 4  loss 0.6910  (checkpoint 000000-0000000004)"
+    flow = "06:46:55.613 | INFO    | Flow run 'garnet-roadrunner' - lineage demo in /tmp/ck: 0 of 2 epochs committed"
+    assert baton_line(flow) == "06:46:55 lineage demo in /tmp/ck: 0 of 2 epochs committed"
+    warning = "06:46:55.613 | WARNING | Flow run 'x' - could not publish the lineage artifact: OSError: gone"
+    assert baton_line(warning) == "06:46:55 WARNING: could not publish the lineage artifact: OSError: gone"
+
+
+def test_output_of_this_process_and_its_children_goes_to_the_log_and_only_baton_lines_are_shown(tmp_path):
+    shown: list[str] = []
+    log = tmp_path / "logs" / "train.log"
+    child = ("import sys; print('(RayTrainWorker pid=1) Reporting training result 1: TrainingReport()'); "
+             "print(\"06:47:19.612 | INFO    | Task run 'block-0' - block 0 done in 3.0 s\", file=sys.stderr)")
+    with QuietOutput(log, show=shown.append) as quiet:
+        subprocess.run([sys.executable, "-c", child], check=True)
+        os.write(2, b"Started a local Ray instance.\n")  # as C++ code and Ray's threads write
+        quiet.stdout.write("to the terminal\n")
+    text = log.read_text()
+    assert "TrainingReport()" in text and "Started a local Ray instance." in text and "block 0 done" in text
+    assert "to the terminal" not in text
+    assert shown == ["06:47:19 block-0: block 0 done in 3.0 s"]
+
+
+def _commit(store: CheckpointStore, epoch: int, loss: float) -> None:
+    position = Position(epoch=epoch, batch_in_epoch=4, epoch_complete=True, step=4 * (epoch + 1))
+    files = encode(TrainingState(model=torch.nn.Linear(2, 2).state_dict(), position=position))
+    store.commit("demo", position, files, metrics={"loss": loss})
+
+
+def test_off_a_terminal_each_commit_prints_one_progress_line_with_step_loss_and_eta(tmp_path):
+    store = CheckpointStore(str(tmp_path / "store"))
+    _commit(store, 0, 0.69314718)
+    buffer = io.StringIO()
+    monitor = TrainMonitor(store, "demo", epochs=4, console=Console(file=buffer, width=200), live=False)
+    monitor.poll()  # a run that starts at epoch 1 of 4
+    _commit(store, 1, 0.5)
+    monitor.poll()
+    monitor.poll()  # nothing new: nothing printed
+    lines = buffer.getvalue().splitlines()
+    assert len(lines) == 2, lines
+    assert "progress: epoch 2 of 4, step 8, loss 0.5, last commit" in lines[1] and "ETA" in lines[1]
+    assert "ETA -" not in lines[1]  # one epoch trained in this run: the rate is known
+    assert "0.69314718" not in buffer.getvalue()
+
+
+def test_the_summary_is_a_short_table_with_rounded_metrics_and_the_log_file(tmp_path):
+    final = CheckpointRef(lineage="demo", id="000003-0000000016", uri="/tmp/ck/demo/000003-0000000016", epoch=3,
+                          step=16, epochs_done=4, metrics={"loss": 0.6893250271677971, "val_accuracy": 0.9125},
+                          digest="ab" * 32, created_at="2026-11-28T06:47:43Z")
+    summary = TrainSummary(lineage="demo", store="/tmp/ck", epochs=4, epochs_trained=2, blocks_trained=1,
+                           final=final, wall_time_s=48.234)
+    buffer = io.StringIO()
+    Console(file=buffer, width=100).print(summary_table(summary, tmp_path / "train.log"))
+    text = buffer.getvalue()
+    assert "loss 0.6893" in text and "val_accuracy 0.9125" in text and "0.68932502" not in text
+    assert "4 of 4 (2 trained in 1 block(s))" in text and "48.2 s" in text
+    assert str(tmp_path / "train.log") in text and "000003-0000000016" in text
+    assert len(text.splitlines()) <= 8
