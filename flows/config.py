@@ -114,8 +114,10 @@ class TrainConfig(TrainSettings):
 
     def blocks(self, fence: int = 0) -> list[BlockSpec]:
         lineage, params, settings, digest = self.resolved_lineage(), self.recipe_params(), self.settings(), self.config_hash()
+        starts = range(0, self.epochs, self.epochs_per_block)
         return [
             BlockSpec(index=i, lineage=lineage, start_epoch=start, end_epoch=min(start + self.epochs_per_block, self.epochs),
-                      fence=fence, config_hash=digest, params=params, import_paths=[os.getcwd()], settings=settings)
-            for i, start in enumerate(range(0, self.epochs, self.epochs_per_block))
+                      fence=fence, config_hash=digest, params=params, import_paths=[os.getcwd()], settings=settings,
+                      last=i == len(starts) - 1)
+            for i, start in enumerate(starts)
         ]

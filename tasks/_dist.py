@@ -30,6 +30,16 @@ class Collectives:
         dist.all_gather_object(out, obj)
         return out
 
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank."""
+        if self.world_size == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def sum_dicts(self, *dicts: dict[str, float]) -> tuple[dict[str, float], ...]:
         """Each dict summed over the ranks; a key missing on a rank counts as 0 there."""
         if self.world_size == 1:

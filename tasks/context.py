@@ -131,23 +131,64 @@ class TrainContext:
 
     def epochs(self) -> Iterator[int]:
         """The epochs this block trains, from the resume point; commits each epoch that the loop
-        did not end itself with `end_epoch`."""
+        did not end itself with `end_epoch`. In a warm worker group it goes on with the next block
+        of the flow run when there is one, so the loop never learns where one block ends."""
         if not self._objects:
             raise LoopError("call ctx.restore(model=..., optimizer=...) before ctx.epochs()")
-        first, self._start_batch = _start_point(self._position)
         self._restore_rng()
         if self.rank == 0:
             self.ready_s = time.perf_counter() - self._created
             log.info("block %d ready to train in %.2f s", self.spec.index, self.ready_s)
-        epoch = first
-        while epoch < self.spec.end_epoch:
-            self._begin_epoch(epoch, resume=epoch == first and self._start_batch > 0)
-            faults.at_batch(self.spec.settings.fail, self.store, self.spec.lineage, self.rank, epoch, self._position.batch_in_epoch)
-            yield epoch
-            if not self._epoch_ended:
-                self.end_epoch()
-            epoch += 1
+        while True:
+            epoch, start_batch = _start_point(self._position)
+            resume = start_batch > 0
+            while epoch < self.spec.end_epoch:
+                self._begin_epoch(epoch, resume=resume)
+                resume = False
+                faults.at_batch(self.spec.settings.fail, self.store, self.spec.lineage, self.rank, epoch,
+                                self._position.batch_in_epoch)
+                yield epoch
+                if not self._epoch_ended:
+                    self.end_epoch()
+                epoch += 1
+            if not self._next_block():
+                break
         self._exhausted = True
+
+    def _next_block(self) -> bool:
+        """Warm group: report the block's end (its last checkpoint committed) and wait for the next."""
+        if not self.spec.warm_group:
+            return False
+        self._settle()
+        command = None
+        if self.rank == 0:
+            from .warm import fetch_command
+
+            last = self._committer.parent if self._committer else None
+            command = fetch_command(self.spec.warm_group, self._position.epochs_done, last)
+        command = self._dist.broadcast_object(command)
+        if command is None:
+            return False
+        self.spec = self.spec.model_copy(update={k: command[k] for k in ("index", "end_epoch", "fence", "last")})
+        if self._committer is not None:
+            self._committer.spec = self.spec
+        if command["reload"]:
+            # Not the checkpoint the block starts from (someone else trained the lineage since): load it.
+            restored = self._load()
+            if restored is None:
+                raise LoopError(f"block {self.spec.index} starts from {command['start_id']}, which is not in the store")
+            self._apply(restored)
+            self._restore_rng()
+        if self.rank == 0:
+            log.info("block %d continues in the same worker group (no restart)", self.spec.index)
+        return True
+
+    def _settle(self) -> None:
+        """The last save committed and reported, on every rank."""
+        error = self._committer.close() if self._committer else None
+        self._dist.agree(error)
+        self._send(self._pending_report)
+        self._pending_report = None
 
     def loader(self, dataset: Any, batch_size: int, *, shuffle: bool = True, **kwargs: Any):
         """A `DataLoader` over this rank's shard of `dataset` whose position is saved in every
@@ -210,10 +251,7 @@ class TrainContext:
         if not self._exhausted:
             raise LoopError(f"the training loop returned before ctx.epochs() reached epoch {self.spec.end_epoch}: "
                             "iterate `for epoch in ctx.epochs():` to its end")
-        error = self._committer.close() if self._committer else None
-        self._dist.agree(error)
-        self._send(self._pending_report)
-        self._pending_report = None
+        self._settle()
 
     def abandon(self) -> None:
         """Training failed: let a save in flight finish (its snapshot is consistent), no collectives."""
@@ -234,6 +272,7 @@ class TrainContext:
         return self._epoch
 
     def _begin_epoch(self, epoch: int, resume: bool) -> None:
+        # `resume`: the first epoch after a restore that stopped mid-epoch.
         self._epoch, self._epoch_ended = epoch, False
         if not resume:
             self._position = Position(epoch=epoch, batch_in_epoch=0, epoch_complete=False, step=self._position.step)

@@ -79,6 +79,10 @@ class TrainSettings(BaseModel):
     datasets: dict[str, str] = Field(default_factory=dict, description="Ray Data sets for the loop's "
                                      "ctx.dataset_shard(name): name -> module:attr of a function(params) "
                                      "returning a ray.data.Dataset.")
+    warm_workers: bool = Field(True, description="Keep the worker group alive from one block to the next "
+                               "(one Ray Train run per lineage and flow run); off: a fresh fit() per block.")
+    warm_idle_timeout_s: float = Field(120.0, gt=0, description="A warm worker group that gets no block for this "
+                                       "long (its flow process died) ends by itself.")
     resources_timeout_s: float = Field(60.0, ge=0, description="Seconds a block waits for the Ray cluster to "
                                        "hold the CPUs and GPUs its workers need (an autoscaler adding nodes) "
                                        "before it fails, naming what is missing.")

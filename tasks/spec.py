@@ -22,5 +22,7 @@ class BlockSpec(BaseModel):
     fence: int = Field(0, ge=0, description="Lease fencing number that commits must still carry.")
     config_hash: str = ""
     params: RecipeParams = Field(description="seed, lr, batch size, epochs, options, recipe defaults resolved.")
+    last: bool = Field(False, description="The flow's last block: a warm worker group ends after it.")
+    warm_group: str | None = Field(None, description="Name of the warm worker group training this block, if any.")
     import_paths: list[str] = Field(default_factory=list, description="Folders made importable in the workers.")
     settings: TrainSettings

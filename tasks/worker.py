@@ -28,6 +28,10 @@ def worker_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     spec = BlockSpec.model_validate(config)
+    if spec.warm_group:
+        from .warm import join_group
+
+        spec = join_group(spec)
     context = ray.train.get_context()
     device = ray.train.torch.get_device() if spec.settings.gpus_per_worker else torch.device("cpu")
     ctx = TrainContext(spec, context.get_world_rank(), context.get_world_size(),
