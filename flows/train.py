@@ -145,7 +145,7 @@ def run_training(config: TrainConfig, tags: Iterable[str] = ()) -> TrainSummary:
     epochs_before = before.epochs_done if before else 0
     if before is None and config.init_from:
         # Fail before any work when the warm start cannot be found, not inside every Ray worker.
-        store.resolve(*config.init_source)
+        store.resolve(*config.init_source, verified=True)
     logger.info("lineage %s in %s: %d of %d epochs committed", lineage, store.url, epochs_before, config.epochs)
     blocks_trained, ref = 0, store.ref(before) if before else None
     block = train_block.with_options(retries=config.block_retries, retry_delay_seconds=1)

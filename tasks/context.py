@@ -359,7 +359,7 @@ class TrainContext:
 
     def _warm_start(self) -> TrainingState | None:
         source, selector = self.spec.settings.init_source
-        manifest = self.store.resolve(source, selector)
+        manifest = self.store.resolve(source, selector, verified=True)
         state = decode({name: self.store.read(manifest, name) for name in manifest.files})
         self._objects["model"].load_state_dict(state.model)
         parent = f"{source}/{manifest.id}"
