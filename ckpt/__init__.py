@@ -7,6 +7,7 @@ from .errors import (
     CheckpointError,
     CheckpointExists,
     CheckpointNotFound,
+    CheckpointUndecodable,
     InjectedFault,
     InvalidArgument,
     InvalidFault,
@@ -27,7 +28,8 @@ from .store import CheckpointStore
 
 __all__ = [
     "CheckpointCorrupted", "CheckpointError", "CheckpointExists", "CheckpointNotFound",
-    "CheckpointRef", "CheckpointStore", "Decision", "FileEntry", "InjectedFault", "InvalidArgument",
+    "CheckpointRef", "CheckpointStore", "CheckpointUndecodable", "Decision", "FileEntry", "InjectedFault",
+    "InvalidArgument",
     "InvalidFault", "InvalidName", "Lease", "LeaseHeld", "LeaseLost", "LeaseRecord", "LeaseUnreadable",
     "Manifest", "ManifestUnreadable", "Position", "RankRNG", "ResumableSampler",
     "RetentionPlan", "RetentionPolicy", "UnreadableFile", "apply", "collect", "faults", "plan", "prune",

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ._blob import Blob
+from .errors import CheckpointUndecodable, InvalidArgument
 
 _NAMES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -46,10 +47,10 @@ def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None 
     prepared = {}
     for name, tensor in tensors.items():
         if not isinstance(name, str):
-            raise TypeError(f"tensor names must be strings, got {name!r}")
+            raise InvalidArgument(f"tensor names must be strings, got {name!r}")
         tensor = tensor.detach()
         if tensor.dtype not in _NAMES:
-            raise TypeError(f"{name}: cannot store dtype {tensor.dtype} in safetensors "
+            raise InvalidArgument(f"{name}: cannot store dtype {tensor.dtype} in safetensors "
                             f"(supported: {', '.join(sorted(_DTYPES))})")
         prepared[name] = tensor.cpu().contiguous()
     order = sorted(prepared, key=lambda n: (-prepared[n].element_size(), n))
@@ -80,16 +81,16 @@ def deserialize(buffer: bytearray | memoryview | bytes) -> dict[str, torch.Tenso
         buffer = bytearray(view)
         view = memoryview(buffer)
     if len(view) < 8:
-        raise ValueError(f"not a safetensors file: {len(view)} bytes, shorter than its header length")
+        raise CheckpointUndecodable(f"not a safetensors file: {len(view)} bytes, shorter than its header length")
     (length,) = struct.unpack_from("<Q", view, 0)
     if length > min(_MAX_HEADER, len(view) - 8):
-        raise ValueError(f"not a safetensors file: header length {length} exceeds the file ({len(view)} bytes)")
+        raise CheckpointUndecodable(f"not a safetensors file: header length {length} exceeds the file ({len(view)} bytes)")
     try:
         header = json.loads(bytes(view[8 : 8 + length]))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"not a safetensors file: unreadable header ({err})") from err
+        raise CheckpointUndecodable(f"not a safetensors file: unreadable header ({err})") from err
     if not isinstance(header, dict):
-        raise ValueError("not a safetensors file: the header is not a JSON object")
+        raise CheckpointUndecodable("not a safetensors file: the header is not a JSON object")
     base, available = 8 + length, len(view) - 8 - length
     out: dict[str, torch.Tensor] = {}
     for name, info in header.items():
@@ -100,12 +101,12 @@ def deserialize(buffer: bytearray | memoryview | bytes) -> dict[str, torch.Tenso
             shape = [int(d) for d in info["shape"]]
             begin, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"safetensors header entry {name!r} is malformed or has an unsupported "
+            raise CheckpointUndecodable(f"safetensors header entry {name!r} is malformed or has an unsupported "
                              f"dtype: {info!r}") from err
         count = math.prod(shape)
         itemsize = torch.empty((), dtype=dtype).element_size()
         if min(shape, default=0) < 0 or not 0 <= begin <= end <= available or end - begin != count * itemsize:
-            raise ValueError(f"safetensors tensor {name!r}: byte range [{begin}, {end}) does not fit "
+            raise CheckpointUndecodable(f"safetensors tensor {name!r}: byte range [{begin}, {end}) does not fit "
                              f"shape {shape} of {info['dtype']} in {available} bytes of data")
         if count == 0:
             out[name] = torch.empty(shape, dtype=dtype)

@@ -26,8 +26,10 @@ class InvalidName(CheckpointError, ValueError):
     """A lineage, alias or checkpoint id that could escape the store root or is malformed."""
 
 
-class InvalidArgument(CheckpointError, TypeError):
-    """A library call made with arguments it cannot work with (a programming error)."""
+class InvalidArgument(CheckpointError, TypeError, ValueError):
+    """A library call made with arguments it cannot work with (a programming error): a value of the
+    wrong type or outside what the call accepts. Also a TypeError and a ValueError, as such errors
+    were before they had a class of their own."""
 
 
 class CheckpointNotFound(CheckpointError, LookupError):
@@ -46,6 +48,13 @@ class CheckpointCorrupted(CheckpointError):
             + "; ".join(problems)
             + ". Resume from an earlier checkpoint, or delete this one with `baton ckpt rm`."
         )
+
+
+class CheckpointUndecodable(CheckpointError, ValueError):
+    """Checkpoint files whose bytes are not a training state of this format (a planted pickle, a
+    torch zip, a state of another Baton version). Their hashes may well match their manifest.
+
+    Also a ValueError, as these were before they had a class of their own."""
 
 
 class UnreadableFile(CheckpointError, ValueError):

@@ -13,6 +13,8 @@ from typing import Iterator
 
 import torch
 
+from .errors import InvalidArgument
+
 
 class ResumableSampler(torch.utils.data.Sampler[list[int]]):
     """Yields batches of indices for one rank, starting at `start_batch` of the current epoch."""
@@ -20,11 +22,11 @@ class ResumableSampler(torch.utils.data.Sampler[list[int]]):
     def __init__(self, length: int, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle: bool = True):
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+            raise InvalidArgument(f"rank {rank} is outside world_size {world_size}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InvalidArgument(f"batch_size must be >= 1, got {batch_size}")
         if length < world_size:
-            raise ValueError(f"the data set has {length} samples, fewer than the {world_size} workers")
+            raise InvalidArgument(f"the data set has {length} samples, fewer than the {world_size} workers")
         self.length, self.batch_size = length, batch_size
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle = seed, shuffle
@@ -32,7 +34,7 @@ class ResumableSampler(torch.utils.data.Sampler[list[int]]):
 
     def set_position(self, epoch: int, start_batch: int = 0) -> None:
         if epoch < 0 or not 0 <= start_batch <= self.batches_per_epoch():
-            raise ValueError(f"position (epoch {epoch}, batch {start_batch}) is outside an epoch of "
+            raise InvalidArgument(f"position (epoch {epoch}, batch {start_batch}) is outside an epoch of "
                              f"{self.batches_per_epoch()} batches; was the checkpoint written with another "
                              "data set size, batch size or world size?")
         self.epoch, self.start_batch = epoch, start_batch

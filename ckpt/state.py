@@ -15,6 +15,7 @@ import torch
 
 from ._blob import Blob
 from ._safetensors import deserialize, serialize
+from .errors import CheckpointUndecodable, InvalidArgument
 from .manifest import Position
 
 MODEL_FILE = "model.safetensors"
@@ -107,11 +108,33 @@ def encode(state: TrainingState) -> EncodedState:
 
 def decode(files: dict[str, Any]) -> TrainingState:
     """The state from its files (writable buffers as `CheckpointStore.read` returns them, bytes or
-    Blobs). Tensors share the buffers' memory: nothing is copied, nothing is unpickled."""
+    Blobs). Tensors share the buffers' memory: nothing is copied, nothing is unpickled.
+
+    Files that are not a state of this format (whatever they hold: their hashes may match their
+    manifest) raise `CheckpointUndecodable`, so a caller can skip to an earlier checkpoint."""
     files = {name: bytearray(bytes(data)) if isinstance(data, Blob) else data for name, data in files.items()}
+    try:
+        return _decode(files)
+    except CheckpointUndecodable:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        # Not JSON, JSON of another shape, a tensor or key it names that is missing.
+        raise CheckpointUndecodable(
+            f"checkpoint files are not a training state of format {FORMAT_VERSION} "
+            f"({err.__class__.__name__}: {str(err)[:200]}); resume from an earlier checkpoint, "
+            "or delete this one with `baton ckpt rm`") from err
+
+
+def _decode(files: dict[str, Any]) -> TrainingState:
+    for name in (META_FILE, TENSORS_FILE, MODEL_FILE):
+        if name not in files:
+            raise CheckpointUndecodable(f"checkpoint has no {name}: not a training state")
     meta = json.loads(bytes(files[META_FILE]))
+    if not isinstance(meta, dict):
+        raise CheckpointUndecodable(f"{META_FILE} holds a JSON {type(meta).__name__}, not an object")
     if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"unknown checkpoint state format {meta.get('format')!r}; upgrade Baton to load it")
+        raise CheckpointUndecodable(f"unknown checkpoint state format {meta.get('format')!r}; "
+                                    "upgrade Baton to load it")
     tensors = deserialize(files[TENSORS_FILE])
     rng = []
     for rank, entry in enumerate(meta["rng"]):
@@ -162,7 +185,7 @@ def _jsonable(value: Any) -> Any:
         return value.item()
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    raise TypeError(
+    raise InvalidArgument(
         f"cannot store a {type(value).__name__} in a checkpoint: only tensors and JSON values "
         "(numbers, strings, lists, dicts) are saved, so that loading never runs code"
     )
