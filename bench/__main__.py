@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 from ._common import MiB, Result
 
-SUITE = ("save_vs_disk", "async_stall_vs_sync", "resume_vs_fresh", "cleanup_10k_s", "cleanup_dry_run_1k_s", "flow_vs_plain", "loop_vs_plain")
+SUITE = ("save_vs_disk", "async_stall_vs_sync", "resume_vs_fresh", "cleanup_10k_s", "cleanup_dry_run_1k_s", "flow_vs_plain", "loop_vs_plain", "blocks_vs_one_fit")
 
 
 def _machine() -> dict[str, str]:
@@ -28,7 +28,7 @@ def _machine() -> dict[str, str]:
 
 
 def run(names: list[str], quick: bool, where: str | None) -> list[Result]:
-    from . import cleanup, flow, loop, resume, storage
+    from . import cleanup, flow, loop, resume, storage, warm
 
     results: list[Result] = []
     for name in names:
@@ -42,6 +42,8 @@ def run(names: list[str], quick: bool, where: str | None) -> list[Result]:
             results.append(flow.flow_vs_plain(blocks=2 if quick else 4, reps=1 if quick else 2))
         elif name == "resume_vs_fresh":
             results.append(resume.resume_vs_fresh(reps=1 if quick else 2, where=where))
+        elif name == "blocks_vs_one_fit":  # also block_boundary_s, first_step_vs_plain, rerun_noop_s
+            results += warm.blocks_vs_one_fit(reps=1 if quick else 2)
         elif name == "loop_vs_plain":
             results.append(loop.loop_vs_plain(reps=1 if quick else 3))
         elif name == "cleanup_10k_s":

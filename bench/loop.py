@@ -87,15 +87,17 @@ def plain_lm(config: dict) -> None:
             ray.train.report({"loss": loss.item(), "val_loss": val_loss, "epoch": epoch}, checkpoint=checkpoint)
 
 
-def _plain_main(address: str, storage: str) -> None:
+def _plain_main(address: str, storage: str, epochs: int = EPOCHS, options: dict | None = None) -> None:
+    """`address` "local": start a local Ray, as a plain script would."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from tasks.block import RAY_TRAIN_ENV
 
-    ray.init(address=address, runtime_env={"env_vars": dict(RAY_TRAIN_ENV)}, log_to_driver=False)
-    TorchTrainer(plain_lm, train_loop_config={"options": OPTIONS, "epochs": EPOCHS},
+    ray.init(address=None if address == "local" else address, runtime_env={"env_vars": dict(RAY_TRAIN_ENV)},
+             log_to_driver=False)
+    TorchTrainer(plain_lm, train_loop_config={"options": options or OPTIONS, "epochs": epochs},
                  scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
                  run_config=RunConfig(name=f"plain-lm-{os.getpid()}", storage_path=storage)).fit()
 
@@ -140,4 +142,4 @@ def loop_vs_plain(reps: int) -> Result:
 
 
 if __name__ == "__main__":
-    _plain_main(sys.argv[1], sys.argv[2])
+    _plain_main(sys.argv[1], sys.argv[2], *(int(sys.argv[3]), json.loads(sys.argv[4])) if len(sys.argv) > 3 else ())

@@ -30,11 +30,12 @@ def _train(store: str, lineage: str, env, cwd: Path, *extra: str):
 
 def _alive(env: dict, lineage: str) -> tuple[int, int]:
     """(WarmGroup actors of `lineage` alive, placement groups in use) on the test cluster."""
-    code = ("import ray, json; from ray.util.state import list_actors, list_placement_groups\n"
+    # GCS queries only: the test cluster runs without the dashboard that the state API needs.
+    code = ("import ray, json\n"
             f"ray.init(address={env['RAY_ADDRESS']!r}, log_to_driver=False)\n"
-            "actors = [a for a in list_actors(filters=[('state', '=', 'ALIVE')]) "
-            f"if (a.name or '').startswith('baton-warm-{lineage}-')]\n"
-            "groups = list_placement_groups(filters=[('state', '=', 'CREATED')])\n"
+            "names = [a['name'] for a in ray.util.list_named_actors(all_namespaces=True)]\n"
+            f"actors = [n for n in names if n.startswith('baton-warm-{lineage}-')]\n"
+            "groups = [g for g in ray.util.placement_group_table().values() if g['state'] == 'CREATED']\n"
             "print(json.dumps([len(actors), len(groups)]))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
