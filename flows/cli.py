@@ -157,7 +157,7 @@ def _train_quietly(config, as_json: bool) -> None:
     with quiet:
         out, err = Console(file=quiet.stdout), Console(file=quiet.stderr)
         err.print(f"baton train {lineage}: Ray and Prefect output goes to {log_path} (--verbose shows it here)",
-                  markup=False, highlight=False, style="dim")
+                  markup=False, highlight=False, style="dim", soft_wrap=True)
         store = CheckpointStore(config.store, config.storage_options)
         monitor = TrainMonitor(store, lineage, config.epochs, err, live=err.is_terminal and not as_json)
         quiet.show = monitor.print

@@ -50,7 +50,9 @@ def ray_init_kwargs() -> dict:
     env = dict(RAY_TRAIN_ENV)
     env.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", str(WORKER_LOG_BATCH_S))
     env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
-    return {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    # Every worker process of the job relays its baton.worker lines to the block task (and so to the UI).
+    return {"runtime_env": {"env_vars": env, "worker_process_setup_hook": "tasks._log_relay.install"},
+            "log_to_driver": True}
 
 
 def own_cluster_options() -> dict:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 import uuid
-from typing import Any, Callable
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -27,55 +25,29 @@ def _log_checkpoint(logger, manifest: Manifest) -> None:
     logger.info("%s %d  step %d  %s  (checkpoint %s)", where, manifest.epoch, manifest.step, metrics, manifest.id)
 
 
-def _relaying(loop: Callable[[dict], Any], queue) -> Callable[[dict], Any]:
-    """The workers' loop, with their `baton.worker` log records (resume point, "ready to train in N s",
-    warnings) also sent to `queue`, which the block task reads: those lines then go through Prefect's
-    run logger to the flow run's logs in the UI, not only to the Ray worker's own output."""
-
-    def train_loop(config: dict) -> Any:
-        import ray.train
-
-        rank = ray.train.get_context().get_world_rank()
-
-        class Relay(logging.Handler):
-            def emit(self, record: logging.LogRecord) -> None:
-                try:  # fire and forget: calls from one worker to the queue actor stay in order
-                    queue.actor.put_nowait.remote((rank, record.levelno, record.getMessage()))
-                except Exception:
-                    pass
-
-        handler = Relay(logging.INFO)
-        logger = logging.getLogger("baton.worker")
-        logger.addHandler(handler)
-        try:
-            return loop(config)
-        finally:
-            logger.removeHandler(handler)
-
-    train_loop.__name__ = getattr(loop, "__name__", "train_loop")
-    return train_loop
-
-
 class _WorkerLogs:
-    """A Ray queue (an actor that takes no CPU) of the workers' log records, for one block."""
+    """The job's queue of the workers' `baton.worker` log records (tasks/_log_relay.py): a named
+    Ray queue actor that takes no CPU, created by the first block task that wants it."""
 
     def __init__(self):
         from ray.util.queue import Queue
 
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        from ._log_relay import queue_name
 
-    def wrap(self, loop: Callable[[dict], Any]) -> Callable[[dict], Any]:
-        return _relaying(loop, self.queue)
+        self.queue = Queue(actor_options={"name": queue_name(), "get_if_exists": True, "num_cpus": 0})
+
+    @classmethod
+    def open(cls, logger) -> "_WorkerLogs | None":
+        try:
+            return cls()
+        except Exception as err:  # the workers' lines then stay in their own output only
+            logger.debug("no relay of the workers' log lines: %s", err)
+            return None
 
     def drain(self, logger) -> None:
         waiting = self.queue.qsize()
-        for rank, level, message in self.queue.get_nowait_batch(waiting) if waiting else []:
-            logger.log(level, "%s%s", "" if rank == 0 else f"rank {rank}: ", message)
-
-    def close(self) -> None:
-        import ray
-
-        ray.kill(self.queue.actor)
+        for level, message in self.queue.get_nowait_batch(waiting) if waiting else []:
+            logger.log(level, "%s", message)
 
 
 class _CommitWatcher:
@@ -117,11 +89,7 @@ class _CommitWatcher:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        try:
-            self._poll()
-        finally:
-            if self.worker_logs is not None:
-                self.worker_logs.close()
+        self._poll()
 
 
 def _warn_if_store_not_shared(store: CheckpointStore, logger) -> None:
@@ -209,7 +177,8 @@ def _run_warm(spec: BlockSpec, store: CheckpointStore, start: Manifest | None, f
 
     named = spec.model_copy(update={"warm_group": warm.group_name(spec, flow_run)})
     try:
-        with _CommitWatcher(store, spec.lineage, logger, policy=spec.settings.prune):
+        with _CommitWatcher(store, spec.lineage, logger, policy=spec.settings.prune,
+                            worker_logs=_WorkerLogs.open(logger)):
             result = warm.run_block(named, start.id if start else None, flow_run, logger)
     except ray.exceptions.RayActorError as err:
         logger.warning("the warm worker group of %s is gone (%s): block %d starts a fresh one from the store",
@@ -247,16 +216,16 @@ def run_block(spec: BlockSpec, logger) -> tuple[CheckpointRef, bool]:
         ref = _run_warm(spec, store, latest, flow_run, logger)
         if ref is not None:
             return ref, True
-    worker_logs = _WorkerLogs()
     trainer = TorchTrainer(
-        worker_logs.wrap(worker_loop),
+        worker_loop,
         train_loop_config=spec.model_dump(mode="json"),
         scaling_config=_scaling(spec),
         datasets=_datasets(spec),
         run_config=RunConfig(name=f"baton-{spec.lineage}-block{spec.index}-{uuid.uuid4().hex[:8]}",
                              failure_config=FailureConfig(max_failures=spec.settings.max_failures)),
     )
-    with _CommitWatcher(store, spec.lineage, logger, policy=spec.settings.prune, worker_logs=worker_logs):
+    with _CommitWatcher(store, spec.lineage, logger, policy=spec.settings.prune,
+                        worker_logs=_WorkerLogs.open(logger)):
         trainer.fit()
     latest = store.latest(spec.lineage)
     if latest is None or latest.epochs_done < spec.end_epoch:
