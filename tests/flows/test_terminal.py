@@ -95,3 +95,15 @@ def test_the_summary_is_a_short_table_with_rounded_metrics_and_the_log_file(tmp_
     assert "4 of 4 (2 trained in 1 block(s))" in text and "48.2 s" in text
     assert str(tmp_path / "train.log") in text and "000003-0000000016" in text
     assert len(text.splitlines()) <= 8
+
+
+def test_on_a_terminal_the_live_line_shows_epoch_step_loss_time_since_the_last_commit_and_eta(tmp_path):
+    store = CheckpointStore(str(tmp_path / "store"))
+    monitor = TrainMonitor(store, "demo", epochs=4, console=Console(file=io.StringIO()), live=True)
+    monitor.poll()
+    assert "epoch 0/4" in monitor.render().plain and "ETA -" in monitor.render().plain
+    _commit(store, 0, 0.69314718)
+    monitor.poll()
+    line = monitor.render().plain
+    assert "epoch 1/4" in line and "step 4" in line and "loss 0.6931" in line, line
+    assert "last commit 0 s ago" in line and "ETA -" not in line and "elapsed" in line, line
