@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from ckpt import CheckpointRef, CheckpointStore, Lease
 from tasks import train_block
+from tasks.preempt import on_signals
 from tasks.block import RAY_TRAIN_ENV
 
 from .artifacts import TrainProgress, publish_failure, publish_run
@@ -153,7 +154,8 @@ def run_training(config: TrainConfig, tags: Iterable[str] = ()) -> TrainSummary:
     block = train_block.with_options(retries=config.block_retries, retry_delay_seconds=1)
     progress = TrainProgress(lineage, config.epochs, epochs_before)
     try:
-        with Lease(store, lineage, owner=_owner(run_name), ttl_s=config.lease_ttl_s) as lease:
+        with Lease(store, lineage, owner=_owner(run_name), ttl_s=config.lease_ttl_s) as lease, \
+                on_signals(store, lineage, lease.fence):
             for spec in config.blocks(fence=lease.fence):
                 done = ref.epochs_done if ref else 0
                 # The orchestrating task takes no CPU: the block's Ray Train workers need them all.

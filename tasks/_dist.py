@@ -40,6 +40,16 @@ class Collectives:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any rank."""
+        if self.world_size == 1:
+            return flag
+        import torch.distributed as dist
+
+        value = torch.tensor([1 if flag else 0], device=self._on)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
     def sum_dicts(self, *dicts: dict[str, float]) -> tuple[dict[str, float], ...]:
         """Each dict summed over the ranks; a key missing on a rank counts as 0 there."""
         if self.world_size == 1:

@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from ckpt import CheckpointRef, CheckpointStore, Manifest, RetentionPolicy, prune
 
+from .preempt import Preempted, clean_message
 from .spec import BlockSpec
 from .worker import worker_loop
 
@@ -233,11 +234,29 @@ def run_block(spec: BlockSpec, logger) -> tuple[CheckpointRef, bool]:
     return store.ref(latest), True
 
 
-@task(name="train-block", task_run_name="block-{spec.index}", cache_policy=NO_CACHE)
+def _not_preempted(task, task_run, state) -> bool:
+    """Prefect's retry condition: a preempted block is not retried (its machine is going away; a
+    rerun or a Retry of the flow run resumes at the checkpoint it committed)."""
+    try:
+        state.result()
+    except Exception as err:
+        return clean_message(err) is None
+    return True
+
+
+@task(name="train-block", task_run_name="block-{spec.index}", cache_policy=NO_CACHE,
+      retry_condition_fn=_not_preempted)
 def train_block(spec: BlockSpec) -> CheckpointRef:
     """Bring `spec.lineage` to the end of epoch `spec.end_epoch - 1`, resuming from the store."""
     started = time.monotonic()
-    ref, trained = run_block(spec, get_run_logger())
+    try:
+        ref, trained = run_block(spec, get_run_logger())
+    except Exception as err:
+        message = clean_message(err)
+        if message is None:
+            raise
+        get_run_logger().warning("%s", message)
+        raise Preempted(message) from None  # the one line a person needs, not Ray's wrapping
     if trained:
         get_run_logger().info("block %d done in %.1f s: %s", spec.index, time.monotonic() - started, ref.uri)
     return ref

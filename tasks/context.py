@@ -76,6 +76,11 @@ class TrainContext:
         self._exhausted = False
         self.ready_s: float | None = None
         self._created = time.perf_counter()
+        self._notice = None  # rank 0's preemption watcher, from the first epoch on
+        self._stop_after_epoch = False
+        self._last_step_at: float | None = None
+        self._step_s = 0.0
+        self._committed_step = -1
 
     # ---- what a loop reads
     @property
@@ -137,6 +142,9 @@ class TrainContext:
             raise LoopError("call ctx.restore(model=..., optimizer=...) before ctx.epochs()")
         self._restore_rng()
         if self.rank == 0:
+            from .preempt import NoticeWatcher
+
+            self._notice = NoticeWatcher(self.store, self.spec.lineage, self.spec.fence)
             self.ready_s = time.perf_counter() - self._created
             log.info("block %d ready to train in %.2f s", self.spec.index, self.ready_s)
         while True:
@@ -183,6 +191,38 @@ class TrainContext:
             log.info("block %d continues in the same worker group (no restart)", self.spec.index)
         return True
 
+    def _stop_at_step(self) -> None:
+        """A preemption notice: commit this exact step (all ranks are here), then end the block."""
+        started = time.perf_counter()
+        if self._mid_epoch_checkpoint_possible():
+            if self._committed_step != self._position.step:
+                self._checkpoint(report=False)
+            self._preempted(started)
+        if self._loaders:  # the loader's last batch: the epoch-end commit follows at once
+            self._stop_after_epoch = True
+            return
+        from .preempt import Preempted
+
+        raise Preempted(f"preempted at epoch {self._position.epoch} step {self._position.step} without a "
+                        "checkpoint of that step (the loop reads no ctx.loader, so its data position cannot be "
+                        "saved); a rerun or Retry resumes at the last committed checkpoint")
+
+    def _preempted(self, started: float) -> None:
+        from .preempt import Preempted
+
+        self._settle()
+        saved_s = time.perf_counter() - started
+        checkpoint = self._dist.broadcast_object(self._committer.parent if self._committer else None)
+        where = "end of epoch" if self._position.epoch_complete else "step"
+        message = (f"preempted at epoch {self._position.epoch} step {self._position.step} ({where}); checkpoint "
+                   f"{checkpoint} committed; a rerun or Retry resumes there")
+        if self.rank == 0:
+            reason = self._notice.reason if self._notice else "notice"
+            log.warning("%s (%s). Stopping took %.2f s after the step (a step takes %.2f s, the save %.2f s): a "
+                        "notice shorter than a step plus a save falls back to the last committed checkpoint",
+                        message, reason, saved_s + self._step_s, self._step_s, saved_s)
+        raise Preempted(message)
+
     def _settle(self) -> None:
         """The last save committed and reported, on every rank."""
         error = self._committer.close() if self._committer else None
@@ -212,9 +252,15 @@ class TrainContext:
         self._audit()
         self._position = Position(epoch=epoch, batch_in_epoch=self._position.batch_in_epoch + 1,
                                   epoch_complete=False, step=self._position.step + 1)
+        now = time.perf_counter()
+        if self._last_step_at is not None:
+            self._step_s = now - self._last_step_at
+        self._last_step_at = now
         every = self.spec.settings.checkpoint_every_steps
         if every and self._position.step % every == 0 and self._mid_epoch_checkpoint_possible():
             self._checkpoint(report=False)
+        if self._dist.any(bool(self._notice and self._notice.requested)):
+            self._stop_at_step()
         faults.at_batch(self.spec.settings.fail, self.store, self.spec.lineage, self.rank, epoch, self._position.batch_in_epoch)
 
     def end_epoch(self, **metrics: float) -> dict[str, float]:
@@ -225,6 +271,8 @@ class TrainContext:
         self._position = self._position.model_copy(update={"epoch": epoch, "epoch_complete": True})
         reduced = self._checkpoint(report=True, epoch_metrics=metrics)
         self._sums, self._counts, self._epoch_ended = {}, {}, True
+        if self._stop_after_epoch:
+            self._preempted(time.perf_counter())
         return reduced
 
     # ---- also useful
@@ -252,9 +300,13 @@ class TrainContext:
             raise LoopError(f"the training loop returned before ctx.epochs() reached epoch {self.spec.end_epoch}: "
                             "iterate `for epoch in ctx.epochs():` to its end")
         self._settle()
+        if self._notice is not None:
+            self._notice.close()
 
     def abandon(self) -> None:
         """Training failed: let a save in flight finish (its snapshot is consistent), no collectives."""
+        if self._notice is not None:
+            self._notice.close()
         if self._committer:
             self._committer.abandon()
 
@@ -325,6 +377,7 @@ class TrainContext:
         if self._committer is not None:
             error = self._committer.commit(self._training_state(ranks, sums, counts), metrics)
         self._dist.agree(error)
+        self._committed_step = self._position.step
         line = {**metrics, "epoch": self._position.epoch, "step": self._position.step} if report else None
         if self.spec.settings.checkpoint_mode == "async":
             # Only now is the previous save known to be committed: report it, hold this one back.

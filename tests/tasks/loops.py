@@ -105,3 +105,24 @@ def ray_data(ctx) -> None:
             optimizer.step()
             ctx.step(loss=loss.item())
         ctx.end_epoch()
+
+
+def notice_on_last_batch(ctx) -> None:
+    """Gives itself a preemption notice on the last batch of epoch 0 (and waits for the watcher)."""
+    from tasks.preempt import give_notice
+
+    model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    ctx.restore(model=model, optimizer=optimizer)
+    loader = ctx.loader(Noisy(), batch_size=32)
+    for epoch in ctx.epochs():
+        for batch, (x, y) in enumerate(loader):
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            if epoch == 0 and batch == len(loader) - 1:
+                give_notice(ctx.store, ctx.spec.lineage, ctx.spec.fence, "test")
+                time.sleep(0.8)
+            ctx.step(loss=loss.item())
+        ctx.end_epoch()

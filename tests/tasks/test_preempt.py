@@ -1,0 +1,57 @@
+"""Preemption in one process (`run_local`): a notice becomes a checkpoint of the exact step, the
+block ends with `Preempted`, and the rerun repeats no step."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from ckpt import CheckpointStore
+from tasks.preempt import Preempted, give_notice, withdraw_notice
+
+from .test_loop import _train
+
+SLOW = dict(loop="tests.tasks.loops:two_optimizers", epochs=2, epochs_per_block=1,
+            options={"step_seconds": 0.03, "num_workers": 0})
+
+
+def _notice_after(store: Path, lineage: str, seconds: float) -> threading.Timer:
+    timer = threading.Timer(seconds, give_notice, args=(CheckpointStore(str(store)), lineage, 0, "test"))
+    timer.start()
+    return timer
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_notice_mid_epoch_commits_that_step_and_the_rerun_repeats_no_step(tmp_path, mode):
+    straight, _ = _train(tmp_path, "straight", checkpoint_mode=mode, **SLOW)
+    log = tmp_path / "samples"
+    _notice_after(tmp_path, "noticed", 0.6)
+    with pytest.raises(Preempted, match=r"preempted at epoch 0 step (\d+) \(step\); checkpoint 000000-\d+ committed; "
+                                        "a rerun or Retry resumes there") as err:
+        _train(tmp_path, "noticed", checkpoint_mode=mode, sample_log=str(log), **SLOW)
+    st = CheckpointStore(str(tmp_path))
+    stopped = st.latest("noticed")
+    assert f"step {stopped.step} " in str(err.value) and not stopped.position.epoch_complete
+    withdraw_notice(st, "noticed", 0)
+    resumed, _ = _train(tmp_path, "noticed", checkpoint_mode=mode, sample_log=str(log), **SLOW)
+    assert resumed.digest == straight.digest
+    batches = Counter((e["epoch"], e["batch"]) for e in map(json.loads, (log / "rank0.jsonl").read_text().splitlines()))
+    assert set(batches.values()) == {1}, "a batch was trained twice"
+    assert len(batches) == 2 * 32
+
+
+def test_a_notice_on_an_epochs_last_batch_stops_right_after_the_epoch_end_commit(tmp_path):
+    with pytest.raises(Preempted, match=r"preempted at epoch 0 step 8 \(end of epoch\); checkpoint 000000-0000000008"):
+        _train(tmp_path, "end", loop="tests.tasks.loops:notice_on_last_batch", epochs=2)
+    committed = CheckpointStore(str(tmp_path)).list("end")
+    assert [(m.epoch, m.position.epoch_complete) for m in committed] == [(0, True)]
+
+
+def test_without_ctx_loader_a_notice_stops_at_once_and_says_where_the_rerun_resumes(tmp_path):
+    give_notice(CheckpointStore(str(tmp_path)), "plain", 0, "test")
+    with pytest.raises(Preempted, match="resumes at the last committed checkpoint"):
+        _train(tmp_path, "plain", loop="tests.tasks.loops:plain_loader", epochs=1)
