@@ -16,6 +16,7 @@ from .errors import (
     LeaseLost,
     LeaseUnreadable,
     ManifestUnreadable,
+    StoreUnreachable,
     UnreadableFile,
 )
 from .lease import Lease, LeaseRecord
@@ -32,7 +33,7 @@ __all__ = [
     "InvalidArgument",
     "InvalidFault", "InvalidName", "Lease", "LeaseHeld", "LeaseLost", "LeaseRecord", "LeaseUnreadable",
     "Manifest", "ManifestUnreadable", "Position", "RankRNG", "ResumableSampler",
-    "RetentionPlan", "RetentionPolicy", "UnreadableFile", "apply", "collect", "faults", "plan", "prune",
+    "RetentionPlan", "RetentionPolicy", "StoreUnreachable", "UnreadableFile", "apply", "collect", "faults", "plan", "prune",
     "TrainingState", "capture_rng", "checkpoint_id", "decode", "encode", "model_digest",
     "restore_rng", "validate_name",
 ]

@@ -21,6 +21,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from . import _endpoint
 from ._blob import CHUNK, HASH_THREADS, Blob, ChunkHasher, chunked_sha256
 from .manifest import FileEntry
 
@@ -38,9 +39,7 @@ def open_filesystem(url: str, storage_options: dict[str, Any] | None = None):
         # Listings must never be stale after another process writes (a resumed run, a cleanup).
         options.setdefault("use_listings_cache", False)
         options.setdefault("skip_instance_cache", True)
-        config = dict(options.pop("config_kwargs", {}) or {})
-        config.setdefault("retries", {"max_attempts": 10, "mode": "adaptive"})
-        options["config_kwargs"] = config
+        options["config_kwargs"] = _endpoint.s3_config(options)
         # botocore reads AWS_ENDPOINT_URL itself; s3fs passes it explicitly for older clients.
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint and "endpoint_url" not in options and "endpoint_url" not in options.get("client_kwargs", {}):
@@ -50,7 +49,10 @@ def open_filesystem(url: str, storage_options: dict[str, Any] | None = None):
         fs = LocalFileSystem(auto_mkdir=True)
         return fs, path, path
     root = path.rstrip("/")
-    return fs, root, f"{protocol}://{root}"
+    canonical = f"{protocol}://{root}"
+    if protocol in ("s3", "s3a"):
+        fs = _endpoint.UnreachableAsError(fs, canonical, _endpoint.endpoint_of(options))
+    return fs, root, canonical
 
 
 def is_local(fs) -> bool:

@@ -86,6 +86,10 @@ class LeaseUnreadable(UnreadableFile):
                          "If no run is training this lineage, delete that file; otherwise wait for the run")
 
 
+class StoreUnreachable(CheckpointError):
+    """The store's server cannot be reached (refused, timed out): a setup problem, told at once."""
+
+
 class CheckpointExists(CheckpointError):
     """A checkpoint with this id is already committed with different content."""
 
