@@ -37,11 +37,39 @@ def _lineages(store: CheckpointStore, lineage: Optional[str]) -> list[str]:
     return [lineage] if lineage else store.lineages()
 
 
-def _item(store: CheckpointStore, m: Manifest) -> dict:
+def _item(store: CheckpointStore, m: Manifest, problems: list[str], files: str) -> dict:
     return {"lineage": m.lineage, "id": m.id, "epoch": m.epoch, "step": m.step,
             "epochs_done": m.epochs_done, "uri": store.uri(m.lineage, m.id), "metrics": m.metrics,
             "created_at": m.created_at.isoformat(), "digest": m.digest, "bytes": m.total_bytes,
-            "parent": m.parent}
+            "parent": m.parent, "files": files, "problems": problems}
+
+
+def _checked(store: CheckpointStore, lineage: str, verify: bool) -> list[dict]:
+    """The lineage's checkpoints, each with the problems of its files: every file hashed with
+    `verify`; otherwise only their presence and sizes, from one listing of the lineage."""
+    manifests = store.list(lineage)
+    if verify:
+        checked = [(m, store.verify(m), "verified") for m in manifests]
+    else:
+        sizes = _sizes(store, lineage)
+        checked = [(m, _size_problems(store, m, sizes), "sizes ok") for m in manifests]
+    return [_item(store, m, problems, "DAMAGED" if problems else files) for m, problems, files in checked]
+
+
+def _sizes(store: CheckpointStore, lineage: str) -> dict[str, int]:
+    found = store.fs.find(store.path(lineage), detail=True)
+    return {path.rstrip("/"): int(info.get("size") or 0) for path, info in found.items()}
+
+
+def _size_problems(store: CheckpointStore, m: Manifest, sizes: dict[str, int]) -> list[str]:
+    problems = []
+    for name, entry in sorted(m.files.items()):
+        size = sizes.get(store.path(m.lineage, m.id, name))
+        if size is None:
+            problems.append(f"{name}: missing (expected {entry.size} bytes)")
+        elif size != entry.size:
+            problems.append(f"{name}: size {size} bytes, expected {entry.size}")
+    return problems
 
 
 def _guard(fn):
@@ -62,6 +90,8 @@ def _table(store: CheckpointStore, lineage: str, items: list[dict]) -> Table:
     width = max(len(it["id"]) for it in items)
     table = Table(title=f"{lineage} in {store.url}", title_justify="left")
     table.add_column("id", no_wrap=True, min_width=width, overflow="ignore")
+    # Second, so that a narrow terminal, which crops the right of the table, still shows it.
+    table.add_column("files", no_wrap=True, min_width=8)
     table.add_column("epoch", justify="right", min_width=5)
     table.add_column("step", justify="right", min_width=4)
     table.add_column("metrics", overflow="fold", min_width=12)
@@ -69,7 +99,8 @@ def _table(store: CheckpointStore, lineage: str, items: list[dict]) -> Table:
     table.add_column("digest", no_wrap=True, min_width=8)
     for it in items:
         metrics = "\n".join(f"{k}={v:.4g}" for k, v in sorted(it["metrics"].items()))
-        table.add_row(it["id"], str(it["epoch"]), str(it["step"]), metrics,
+        files = "[bold red]DAMAGED[/bold red]" if it["problems"] else it["files"]
+        table.add_row(it["id"], files, str(it["epoch"]), str(it["step"]), metrics,
                       it["created_at"][:19].replace("T", " "), it["digest"][:8])
     return table
 
@@ -78,10 +109,12 @@ def _table(store: CheckpointStore, lineage: str, items: list[dict]) -> Table:
 @_guard
 def ls(store: str = typer.Argument(..., help="Checkpoint store: folder or fsspec URL."),
        lineage: Optional[str] = typer.Option(None, help="Only this lineage (default: all)."),
-       as_json: bool = typer.Option(False, "--json", help="Print every checkpoint as JSON.")) -> None:
-    """List committed checkpoints, oldest first, one table per lineage."""
+       as_json: bool = typer.Option(False, "--json", help="Print every checkpoint as JSON."),
+       verify: bool = typer.Option(False, "--verify", help="Hash every file (slower); without it, "
+                                   "files are checked for presence and size only.")) -> None:
+    """List committed checkpoints, oldest first, one table per lineage; damaged ones are marked."""
     st = _store(store)
-    by_lineage = {name: [_item(st, m) for m in st.list(name)] for name in _lineages(st, lineage)}
+    by_lineage = {name: _checked(st, name, verify) for name in _lineages(st, lineage)}
     if as_json:
         print(json.dumps([it for items in by_lineage.values() for it in items], indent=2))
         return
@@ -92,6 +125,16 @@ def ls(store: str = typer.Argument(..., help="Checkpoint store: folder or fsspec
     for name, items in by_lineage.items():
         if items:
             console.print(_table(st, name, items))
+    damaged = [it for items in by_lineage.values() for it in items if it["problems"]]
+    for it in damaged:
+        err_console.print(f"damaged: {it['lineage']}/{it['id']}: {'; '.join(it['problems'])}",
+                          style="red", markup=False, soft_wrap=True)
+    if damaged:
+        err_console.print("training skips damaged checkpoints and re-commits them when it reaches them again; "
+                          "cleanup never counts them as kept", markup=False, soft_wrap=True)
+    elif not verify:
+        err_console.print("file sizes checked; `--verify` (or `baton ckpt verify`) hashes every file",
+                          markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -100,16 +143,26 @@ def show(store: str = typer.Argument(..., help="Checkpoint store: folder or fssp
          lineage: str = typer.Argument(..., help="Lineage name."),
          which: str = typer.Argument("latest", help="ID, latest, best or an alias."),
          metric: str = typer.Option("loss", help="Metric that decides `best`."),
-         mode: str = typer.Option("min", help="min or max, for `best`.")) -> None:
-    """Show one checkpoint: its manifest, location and aliases, each fact once (JSON)."""
+         mode: str = typer.Option("min", help="min or max, for `best`."),
+         verify: bool = typer.Option(True, "--verify/--no-verify", help="Hash the checkpoint's files "
+                                     "(default) or skip it for a quick look.")) -> None:
+    """Show one checkpoint: its manifest, location and aliases, each fact once (JSON), and whether
+    its files verify (a damaged one is also named on stderr, with its problems)."""
     st = _store(store)
     manifest = st.resolve(lineage, which, metric=metric, mode=mode)
+    problems = st.verify(manifest) if verify else None
     body = manifest.model_dump(mode="json")
     shown = {"lineage": body.pop("lineage"), "id": body.pop("id"), "epoch": manifest.epoch,
              "step": manifest.step, "epochs_done": manifest.epochs_done, "uri": st.uri(lineage, manifest.id),
              "aliases": [a for a, i in st.aliases(lineage).items() if i == manifest.id],
-             "bytes": manifest.total_bytes, **body}
+             "bytes": manifest.total_bytes,
+             "verified": None if problems is None else not problems, "problems": problems or [], **body}
     print(json.dumps(shown, indent=2))
+    if problems:
+        err_console.print(f"damaged: {'; '.join(problems)}", style="red", markup=False, soft_wrap=True)
+        good = st.latest_verified(lineage)
+        err_console.print(f"the newest checkpoint of {lineage} whose files verify (where training resumes): "
+                          f"{good.id if good else 'none'}", markup=False, soft_wrap=True)
 
 
 @app.command()
