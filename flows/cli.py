@@ -308,6 +308,27 @@ def serve(
     serve_all(store=store or "./checkpoints", cron=cron, interval_s=interval, config=config, limit=limit)
 
 
+@app.command()
+def preempt(
+    store: str = typer.Argument(..., help="Checkpoint store: folder or fsspec URL."),
+    lineage: str = typer.Argument(..., help="The lineage being trained."),
+    reason: str = typer.Option("preempt command", help="Why (shown in the run's log)."),
+) -> None:
+    """Ask the run training LINEAGE to checkpoint the step it is at and stop (for a spot-instance
+    notice handler or a Kubernetes preStop hook); a rerun or Retry resumes there."""
+    from ckpt import CheckpointStore, Lease
+    from tasks.preempt import give_notice
+
+    st = CheckpointStore(store)
+    holder = Lease.current(st, lineage)
+    if holder is None or not holder.holder_alive():
+        err_console.print(f"no run is training {lineage} in {store} (no live lease): nothing to preempt",
+                          style="red", markup=False)
+        raise typer.Exit(1)
+    give_notice(st, lineage, holder.fence, reason)
+    console.print(f"notice given to {holder.describe()}", markup=False, highlight=False)
+
+
 def main() -> None:
     try:
         app()

@@ -55,3 +55,19 @@ def test_without_ctx_loader_a_notice_stops_at_once_and_says_where_the_rerun_resu
     give_notice(CheckpointStore(str(tmp_path)), "plain", 0, "test")
     with pytest.raises(Preempted, match="resumes at the last committed checkpoint"):
         _train(tmp_path, "plain", loop="tests.tasks.loops:plain_loader", epochs=1)
+
+
+def test_baton_preempt_gives_the_lease_holder_notice_and_refuses_when_nobody_trains(tmp_path):
+    from typer.testing import CliRunner
+
+    from ckpt import Lease
+    from flows.cli import app
+    from tasks.preempt import notice_path
+
+    st = CheckpointStore(str(tmp_path))
+    assert CliRunner().invoke(app, ["preempt", str(tmp_path), "idle"]).exit_code == 1
+    with Lease(st, "busy", owner="test run") as lease:
+        out = CliRunner().invoke(app, ["preempt", str(tmp_path), "busy", "--reason", "spot notice"])
+        assert out.exit_code == 0, out.output
+        assert st.fs.exists(notice_path(st, "busy", lease.fence))
+        assert json.loads(st.fs.cat_file(notice_path(st, "busy", lease.fence)))["reason"] == "spot notice"
