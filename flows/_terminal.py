@@ -153,6 +153,10 @@ class TrainMonitor:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        try:
+            self.poll()  # where the run ended, even when its last commits came within one poll
+        except Exception:
+            pass
         if self._live is not None:
             self._live.stop()
 
