@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from ckpt import CheckpointRef, CheckpointStore, Manifest, RetentionPolicy, prune
 
-from .preempt import Preempted, clean_message
+from .preempt import Preempted, clean_message, notice_path
 from .spec import BlockSpec
 from .worker import worker_loop
 
@@ -163,6 +163,27 @@ def _describe(missing: dict[str, tuple[float, float]]) -> str:
     return ", ".join(f"{have:g} {kind} of the {need:g} needed" for kind, (need, have) in missing.items())
 
 
+def _preemption(spec: BlockSpec, store: CheckpointStore) -> Preempted | None:
+    """The workers stopped on a preemption notice (and committed where they stopped)."""
+    if not store.fs.exists(notice_path(store, spec.lineage, spec.fence)):
+        return None
+    latest = store.latest(spec.lineage)
+    if latest is None:
+        return Preempted("preempted at epoch 0 step 0, before the first checkpoint; a rerun or Retry starts over")
+    return Preempted(f"preempted at epoch {latest.epoch} step {latest.step}; checkpoint {latest.id} committed; "
+                     "a rerun or Retry resumes there")
+
+
+def _reached(spec: BlockSpec, store: CheckpointStore) -> CheckpointRef:
+    latest = store.latest(spec.lineage)
+    if latest is not None and latest.epochs_done >= spec.end_epoch:
+        return store.ref(latest)
+    preempted = _preemption(spec, store)
+    if preempted is not None:
+        raise preempted
+    raise RuntimeError(f"block {spec.index} finished but {spec.lineage} has no checkpoint at epoch {spec.end_epoch}")
+
+
 def _flow_run_id() -> str | None:
     from prefect.runtime import flow_run
 
@@ -185,12 +206,14 @@ def _run_warm(spec: BlockSpec, store: CheckpointStore, start: Manifest | None, f
         logger.warning("the warm worker group of %s is gone (%s): block %d starts a fresh one from the store",
                        spec.lineage, type(err).__name__, spec.index)
         return None
+    except Exception:
+        preempted = _preemption(spec, store)
+        if preempted is not None:
+            raise preempted from None
+        raise
     how = "a new worker group" if result["fresh"] else "the warm worker group, no restart"
     logger.info("block %d trained on %s (worker pids %s)", spec.index, how, ", ".join(map(str, result["pids"])))
-    latest = store.latest(spec.lineage)
-    if latest is None or latest.epochs_done < spec.end_epoch:
-        raise RuntimeError(f"block {spec.index} finished but {spec.lineage} has no checkpoint at epoch {spec.end_epoch}")
-    return store.ref(latest)
+    return _reached(spec, store)
 
 
 def run_block(spec: BlockSpec, logger) -> tuple[CheckpointRef, bool]:
@@ -228,10 +251,7 @@ def run_block(spec: BlockSpec, logger) -> tuple[CheckpointRef, bool]:
     with _CommitWatcher(store, spec.lineage, logger, policy=spec.settings.prune,
                         worker_logs=_WorkerLogs.open(logger)):
         trainer.fit()
-    latest = store.latest(spec.lineage)
-    if latest is None or latest.epochs_done < spec.end_epoch:
-        raise RuntimeError(f"block {spec.index} finished but {spec.lineage} has no checkpoint at epoch {spec.end_epoch}")
-    return store.ref(latest), True
+    return _reached(spec, store), True
 
 
 def _not_preempted(task, task_run, state) -> bool:

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from .context import LoopError, TrainContext
+from .preempt import Preempted
 from .recipes import load_recipe
 from .spec import BlockSpec
 
@@ -36,7 +37,12 @@ def worker_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if spec.settings.gpus_per_worker else torch.device("cpu")
     ctx = TrainContext(spec, context.get_world_rank(), context.get_world_size(),
                        local_rank=context.get_local_rank(), device=device, report=ray.train.report, ray_train=True)
-    run_loop(ctx)
+    try:
+        run_loop(ctx)
+    except Preempted:
+        # A clean end for Ray Train, which would otherwise restart the group (max_failures) only
+        # for it to stop again; the block task reads the committed checkpoint and reports it.
+        return
 
 
 def run_local(spec: BlockSpec, report: Callable[[dict[str, Any]], None] | None = None) -> TrainContext:
