@@ -58,19 +58,25 @@ class RecipeError(ValueError):
     pass
 
 
-def load_recipe(path: str) -> Recipe:
-    """Import `module:attr`; the attribute is a `Recipe` or a no-argument callable returning one."""
+def import_attribute(path: str, what: str, example: str, error: type[Exception]) -> Any:
+    """`module:attr` imported (the user's recipe, loop or data set); `error` names what is wrong."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
-        raise RecipeError(f"recipe {path!r} is not of the form 'module:attr' (for example 'tasks.recipes:digits')")
+        raise error(f"{what} {path!r} is not of the form 'module:attr' (for example {example!r})")
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # a syntax error or a failing import in the user's module: theirs to fix
-        raise RecipeError(f"recipe {path!r}: cannot import module {module_name!r} ({type(err).__name__}: {err}); "
-                          "is it installed or on PYTHONPATH, and does it import on its own?") from None
+        raise error(f"{what} {path!r}: cannot import module {module_name!r} ({type(err).__name__}: {err}); "
+                    "is it in the current folder or on PYTHONPATH, and does it import on its own?") from None
     target = getattr(module, attr, None)
     if target is None:
-        raise RecipeError(f"recipe {path!r}: module {module_name!r} has no attribute {attr!r}")
+        raise error(f"{what} {path!r}: module {module_name!r} has no attribute {attr!r}")
+    return target
+
+
+def load_recipe(path: str) -> Recipe:
+    """Import `module:attr`; the attribute is a `Recipe` or a no-argument function returning one."""
+    target = import_attribute(path, "recipe", "tasks.recipes:digits", RecipeError)
     if isinstance(target, Recipe):
         return target
     return _call_factory(path, target)

@@ -6,7 +6,6 @@ Every rank runs the loop; rank 0 commits checkpoints (DESIGN invariant 7: exact 
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 from typing import Any, Callable
@@ -15,7 +14,7 @@ import torch
 
 from .context import LoopError, TrainContext
 from .preempt import Preempted
-from .recipes import load_recipe
+from .recipes import import_attribute, load_recipe
 from .spec import BlockSpec
 
 log = logging.getLogger("baton.worker")
@@ -83,17 +82,9 @@ class LoopNotFound(LoopError):
 
 def load_loop(path: str) -> TrainLoop:
     """Import `module:attr`, a function `train_loop(ctx)`. Nothing is called to check it."""
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise LoopNotFound(f"loop {path!r} is not of the form 'module:attr' (for example 'examples.lm:train_loop')")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as err:  # a syntax error or a failing import in the user's module is theirs to fix
-        raise LoopNotFound(f"loop {path!r}: cannot import module {module_name!r} "
-                           f"({type(err).__name__}: {err}); is it in the current folder or on PYTHONPATH?") from None
-    target = getattr(module, attr, None)
+    target = import_attribute(path, "loop", "examples.lm:train_loop", LoopNotFound)
     if not callable(target):
-        raise LoopNotFound(f"loop {path!r}: module {module_name!r} has no function {attr!r}")
+        raise LoopNotFound(f"loop {path!r} is a {type(target).__name__}, not a function train_loop(ctx)")
     return target
 
 

@@ -89,7 +89,8 @@ def test_a_loop_that_returns_before_its_epochs_are_done_is_an_error_naming_the_f
 
 
 @pytest.mark.parametrize("loop, message", [
-    ("tests.tasks.loops:nothing_here", "has no function 'nothing_here'"),
+    ("tests.tasks.loops:nothing_here", "has no attribute 'nothing_here'"),
+    ("tests.tasks.loops:__doc__", "not a function train_loop"),
     ("no_such_module_x:train", "cannot import module 'no_such_module_x'"),
     ("just-a-name", "is not of the form 'module:attr'"),
 ])
