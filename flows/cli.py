@@ -159,7 +159,7 @@ def _train_quietly(config, as_json: bool) -> None:
         err.print(f"baton train {lineage}: Ray and Prefect output goes to {log_path} (--verbose shows it here)",
                   markup=False, highlight=False, style="dim", soft_wrap=True)
         store = CheckpointStore(config.store, config.storage_options)
-        monitor = TrainMonitor(store, lineage, config.epochs, err, live=err.is_terminal and not as_json)
+        monitor = TrainMonitor(store, lineage, config.epochs, err, live=err.is_terminal)
         quiet.show = monitor.print
         try:
             with monitor:
@@ -180,7 +180,7 @@ def _train_quietly(config, as_json: bool) -> None:
 
 def _print_summary(out: Console, summary, as_json: bool, log_path: Optional[Path]) -> None:
     if as_json:
-        out.print(summary.model_dump_json(indent=2), markup=False, highlight=False, soft_wrap=True)
+        out.file.write(summary.model_dump_json(indent=2) + "\n")
         return
     from ._terminal import summary_table
 

@@ -107,3 +107,19 @@ def test_on_a_terminal_the_live_line_shows_epoch_step_loss_time_since_the_last_c
     line = monitor.render().plain
     assert "epoch 1/4" in line and "step 4" in line and "loss 0.6931" in line, line
     assert "last commit 0 s ago" in line and "ETA -" not in line and "elapsed" in line, line
+
+
+def test_verbose_is_a_command_line_option_not_a_config_field(tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    help_text = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}, terminal_width=200).stdout
+    assert "--verbose" in help_text and "log file" in help_text
+    out = runner.invoke(app, ["train", "--dry-run", "--verbose", "--epochs", "2"], env={"BATON_FAIL": None})
+    assert out.exit_code == 0, out.output
+    assert "verbose" not in json.loads(out.stdout)["config"]
