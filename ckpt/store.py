@@ -227,7 +227,8 @@ class CheckpointStore:
 
         If this id is already committed and its files verify, that checkpoint is returned when
         its weights are these (`CheckpointExists` otherwise) and nothing is written. If its files
-        are damaged or missing, it is replaced by this one (see `_uncommit_damaged`)."""
+        are damaged or missing, or (for `files` of a format that can tell, as `ckpt.encode`'s) do
+        not load, it is replaced by this one (see `_uncommit_damaged`)."""
         if digest is None and not hasattr(files, "digest"):
             raise InvalidArgument("commit needs digest=... unless files come from ckpt.encode()")
         for name in files:
@@ -236,7 +237,7 @@ class CheckpointStore:
         folder = self.path(lineage, ckpt_id)
         existing = self._existing(lineage, ckpt_id)
         if existing is not None:
-            problems = self.verify(existing)
+            problems = self.verify(existing) or self._load_problems(existing, files)
             if not problems:
                 # The files of a whole committed checkpoint are never overwritten.
                 if existing.digest == (digest or files.digest):  # type: ignore[attr-defined]
@@ -273,6 +274,15 @@ class CheckpointStore:
         fault_point("repair.after_uncommit")
         for name in set(damaged.files) - keeping:  # files the new checkpoint does not have
             self._remove_file(f"{folder}/{name}")
+
+    def _load_problems(self, existing: Manifest, files: Any) -> list[str]:
+        check = getattr(files, "load_problems", None)
+        if check is None:
+            return []
+        try:
+            return check(lambda name: self.read(existing, name))
+        except CheckpointError as err:  # a file it needs is missing, or changed since verify
+            return [str(err)]
 
     def _existing(self, lineage: str, ckpt_id: str) -> Manifest | None:
         try:
@@ -357,6 +367,14 @@ class CheckpointStore:
             except CheckpointError as err:
                 log.warning("skipping alias file %s: %s", path, err)
         return out
+
+    def mark_once(self, lineage: str, folder: str, name: str) -> bool:
+        """Create the empty marker `<lineage>/<folder>/<name>` unless it exists; True if this call
+        created it (exclusive on local disks and S3 alike). For things that must happen once per
+        lineage, such as a drill's failure firing."""
+        validate_name(folder.lstrip("_"), "marker folder")
+        validate_name(name, "marker")
+        return _io.write_exclusive(self.fs, self.path(lineage, folder, name), b"")
 
     def pin(self, lineage: str, ckpt_id: str, alias: str) -> None:
         self.manifest(lineage, ckpt_id)  # must exist

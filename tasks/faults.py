@@ -18,7 +18,6 @@ import os
 import signal
 
 from ckpt import CheckpointStore
-from ckpt import _io
 
 from .spec import FailureInjection
 
@@ -49,8 +48,7 @@ def _maybe_fail(fail: FailureInjection | None, store: CheckpointStore, lineage: 
     if fail is None or (fail.phase, fail.epoch, fail.batch, fail.rank) != (phase, epoch, batch, rank):
         return
     # A marker per firing, created exclusively in the store, so a retry does not fail forever.
-    fired = any(_io.write_exclusive(store.fs, store.path(lineage, "_faults", f"{phase}-{epoch}-{batch}-{n}"), b"")
-                for n in range(fail.times))
+    fired = any(store.mark_once(lineage, "_faults", f"{phase}-{epoch}-{batch}-{n}") for n in range(fail.times))
     if not fired:
         return
     if fail.action == "kill-worker":
