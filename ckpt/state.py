@@ -8,14 +8,14 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from ._blob import Blob
 from ._safetensors import deserialize, serialize
-from .errors import CheckpointUndecodable, InvalidArgument
+from .errors import CheckpointError, CheckpointUndecodable, InvalidArgument
 from .manifest import Position
 
 MODEL_FILE = "model.safetensors"
@@ -82,6 +82,17 @@ class EncodedState(dict):
     @property
     def digest(self) -> str:
         return self[MODEL_FILE].sha256()
+
+    @staticmethod
+    def load_problems(read: Callable[[str], Any]) -> list[str]:
+        """Why files of this format, read by name with `read`, cannot be loaded (empty if they
+        can). `CheckpointStore.commit` asks it before keeping an already committed checkpoint
+        whose hashes match: a planted pickle or a torch zip hashes fine and still does not load."""
+        try:
+            decode({name: read(name) for name in (META_FILE, TENSORS_FILE, MODEL_FILE)})
+        except CheckpointError as err:
+            return [f"does not decode: {err}"]
+        return []
 
 
 def encode(state: TrainingState) -> EncodedState:

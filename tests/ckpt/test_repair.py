@@ -126,3 +126,27 @@ def test_a_garbled_manifest_does_not_block_committing_that_checkpoint_again(stor
     write_raw(store, path, b"{not json")
     again = store.commit("run", pos, files, digest=digest)
     assert store.list("run") == [again] and store.verify_lineage("run") == []
+
+
+@pytest.mark.parametrize("name", [MODEL_FILE, TENSORS_FILE, META_FILE])
+def test_a_checkpoint_whose_hashes_match_but_which_does_not_decode_is_replaced_by_a_training_state(store, name):
+    import pickle
+
+    from ckpt import decode
+
+    files, digest, pos = training_files(1, 20)
+    planted_files = {n: bytes(b) for n, b in files.items()}
+    planted_files[name] = pickle.dumps({"not": "a training state"})
+    planted = store.commit("run", pos, planted_files, digest=digest)  # plain bytes: no format to ask
+    assert store.verify(planted) == []
+
+    repaired = store.commit("run", pos, files, digest=digest)
+
+    assert repaired.created_at > planted.created_at and store.verify_lineage("run") == []
+    decode({n: store.read(repaired, n) for n in repaired.files})
+
+
+def test_a_whole_checkpoint_that_decodes_is_kept_when_committed_again_by_a_training_state(store):
+    files, digest, pos = training_files(1, 20)
+    first = store.commit("run", pos, {n: bytes(b) for n, b in files.items()}, digest=digest)
+    assert store.commit("run", pos, files, digest=digest) == first
