@@ -1,5 +1,6 @@
 """The Prefect UI in a real browser: headless Chromium (Debian's), driven by playwright-core, finds
-a failed training run, clicks Retry, and the run completes from its checkpoint.
+a failed training run, clicks Retry, and the run completes from its checkpoint; the lineage page,
+after the failure and after the retry, shows the checkpoint table, the loss curve and where Retry resumes.
 
 Screenshots are saved under test-artifacts/browser/ (git-ignored). The browser and driver are
 installed by scripts/setup-browser.sh, which this module runs itself (idempotent).
@@ -7,6 +8,7 @@ installed by scripts/setup-browser.sh, which this module runs itself (idempotent
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -55,6 +57,22 @@ const args = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run
       await dialog.getByRole('button', { name: 'Retry', exact: true }).click();
       await page.getByText('This will retry flow run').waitFor({ state: 'hidden' });
       await page.screenshot({ path: `${out}/3-retried.png` });
+    } else if (mode.startsWith('lineage')) {
+      // A lineage page: wait for the texts (runName: '|'-separated), then report what a person sees.
+      await page.goto(url);
+      for (const text of runName.split('|')) await page.getByText(text).first().waitFor();
+      await page.waitForTimeout(1500);  // images decode after the text shows
+      const seen = await page.evaluate(() => ({
+        images: [...document.querySelectorAll('img')].filter((i) => i.src.startsWith('data:image/png'))
+          .map((i) => ({ width: i.naturalWidth, height: i.naturalHeight, shown: i.getBoundingClientRect().width })),
+        tables: [...document.querySelectorAll('table')].map((t) => ({
+          header: [...t.querySelectorAll('th')].map((th) => th.innerText.trim()),
+          rows: [...t.querySelectorAll('tbody tr')].map((tr) => [...tr.querySelectorAll('td')].map((td) => td.innerText.trim())),
+        })),
+        text: document.body.innerText,
+      }));
+      await page.screenshot({ path: `${out}/${mode}.png`, fullPage: true });
+      console.log(JSON.stringify(seen));
     } else {
       await page.goto(url);
       if (click) await page.getByText(click, { exact: true }).first().click();
@@ -86,11 +104,35 @@ def browser(tmp_path_factory) -> Path:
     return script
 
 
-def drive(script: Path, mode: str, ui: str, run_id: str, run_name: str, url: str = "", click: str = "") -> None:
+def drive(script: Path, mode: str, ui: str, run_id: str, run_name: str, url: str = "", click: str = "") -> str:
     env = dict(os.environ, NODE_PATH=str(NODE_MODULES))
     out = subprocess.run(["node", str(script), mode, ui, run_id, run_name, str(SHOTS), url, click], env=env,
                          capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, f"browser ({mode}) failed, screenshots in {SHOTS}:\n{out.stdout}\n{out.stderr}"
+    return out.stdout
+
+
+def look_at_lineage(script: Path, mode: str, ui: str, url: str, texts: list[str]) -> dict:
+    """Open a lineage page in the browser; what it shows: its PNG images, tables and text."""
+    return json.loads(drive(script, mode, ui, "", "|".join(texts), url).strip().splitlines()[-1])
+
+
+def newest_version(url: str, key: str) -> str:
+    """The id of the newest version of a keyed artifact: the page the key's timeline links first."""
+    found = api(url, "POST", "/artifacts/filter", {"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC",
+                                                    "limit": 1})
+    return found[0]["id"]
+
+
+def _checkpoint_table(seen: dict) -> dict:
+    tables = [t for t in seen["tables"] if t["header"][:3] == ["checkpoint", "epoch", "step"]]
+    assert len(tables) == 1, seen["tables"]
+    return tables[0]
+
+
+def _shows_a_curve(seen: dict) -> None:
+    assert seen["images"], "no curve image on the lineage page"
+    assert all(i["width"] >= 300 and i["height"] >= 150 and i["shown"] > 0 for i in seen["images"]), seen["images"]
 
 
 def test_clicking_retry_in_the_prefect_ui_completes_a_failed_run_from_its_checkpoint(
@@ -107,6 +149,13 @@ def test_clicking_retry_in_the_prefect_ui_completes_a_failed_run_from_its_checkp
         latest = CheckpointStore(store).list("clicked")[-1]
         assert latest.epoch == 1 and not latest.position.epoch_complete
 
+        # The lineage page after the failure: where Retry resumes, the checkpoints, the loss curve.
+        lineage_url = f"{ui}/artifacts/artifact/{newest_version(prefect_server, 'clicked-lineage')}"
+        seen = look_at_lineage(browser, "lineage-1-failed", ui, lineage_url, ["Retry resumes there"])
+        assert f"latest committed checkpoint is {latest.id}" in seen["text"].replace("`", "")
+        assert [row[0] for row in _checkpoint_table(seen)["rows"]][0] == latest.id  # newest first
+        _shows_a_curve(seen)
+
         drive(browser, "retry", ui, run_id, failed["name"])
         assert flow_run(prefect_server, run_id)["state"]["type"] != "FAILED"  # the click took
         done = wait_final(prefect_server, run_id, 300, proc, log)
@@ -117,10 +166,21 @@ def test_clicking_retry_in_the_prefect_ui_completes_a_failed_run_from_its_checkp
     assert resumed and resumed[0].parent == latest.id
     assert [m.epoch for m in after if m.position.epoch_complete] == [0, 1]
 
+    # The lineage page after the retry: every checkpoint, naming the run that committed it.
+    lineage_url = f"{ui}/artifacts/artifact/{newest_version(prefect_server, 'clicked-lineage')}"
+    seen = look_at_lineage(browser, "lineage-2-retried", ui, lineage_url, ["completed", after[-1].id])
+    rows = _checkpoint_table(seen)["rows"]
+    assert [row[0] for row in rows] == [m.id for m in reversed(after)]
+    assert all(failed["name"] in row[-2] for row in rows), rows
+    _shows_a_curve(seen)
+    # One progress bar for the run, moved on by the retry to the end (not a stale one left at 50%).
+    progress = [a for a in artifacts(prefect_server, run_id) if a["type"] == "progress"]
+    assert len(progress) == 1 and progress[0]["data"] == 100.0, progress
+
     # What a person sees afterwards: the run's artifacts, and the summary with its curves.
     drive(browser, "4-artifacts", ui, run_id, "clicked-summary", f"{ui}/runs/flow-run/{run_id}", "Artifacts")
     summary = next(a for a in artifacts(prefect_server, run_id) if a["key"] == "clicked-summary")
     drive(browser, "5-summary", ui, run_id, "Loss by epoch", f"{ui}/artifacts/artifact/{summary['id']}")
-    assert {"1-failed-run.png", "2-retry-dialog.png", "3-retried.png", "4-artifacts.png", "5-summary.png"} <= {
-        p.name for p in SHOTS.iterdir()}
+    assert {"1-failed-run.png", "2-retry-dialog.png", "3-retried.png", "4-artifacts.png", "5-summary.png",
+            "lineage-1-failed.png", "lineage-2-retried.png"} <= {p.name for p in SHOTS.iterdir()}
     assert api(prefect_server, "GET", f"/flow_runs/{run_id}")["run_count"] == 2
