@@ -171,9 +171,22 @@ def publish_failure(store: CheckpointStore, lineage: str, epochs: int, error: Ba
     except Exception as err:
         _warn("lineage", err)
         return
-    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    status = f"Run `{_this_run()}` **failed**: {type(error).__name__}: {message}"
+    status = f"Run `{_this_run()}` **failed**: {error_text(error)}"
     _publish_lineage(store, lineage, manifests, status, epochs=epochs, failed=True)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def error_text(error: BaseException) -> str:
+    """What went wrong, in one line: the error raised in the worker, not Ray's wrapper of it
+    (a RayTaskError names the actor, its pid and its repr, in terminal colours)."""
+    while getattr(error, "cause", None) is not None and type(error).__name__.startswith("Ray"):
+        error = error.cause
+    lines = [line.strip() for line in _ANSI.sub("", str(error)).splitlines() if line.strip()]
+    # Ray's own text of a task error ends with the original "Type: message" line.
+    message = lines[-1] if lines and lines[0].startswith("ray::") else (lines[0] if lines else "")
+    return f"{type(error).__name__}: {message}" if not message.startswith(type(error).__name__) else message
 
 
 def _this_run() -> str:
@@ -239,7 +252,8 @@ def lineage_markdown(store: CheckpointStore, lineage: str, manifests: list[Manif
                   "Retry resumes there" if latest else "no checkpoint committed yet; Retry starts from scratch", ""]
     lines += [f"- store: `{store.url}`",
               f"- latest: `{_location(store, latest)}`" if latest else "- latest: none yet",
-              f"- runs: {len({m.fence for m in manifests})}, checkpoints: {len(manifests)}"]
+              f"- flow runs: {len({runs.get(m.fence, m.fence) for m in manifests})} "
+              f"(attempts: {len({m.fence for m in manifests})}), checkpoints: {len(manifests)}"]
     series = _loss_by_run(manifests, runs)
     if series:
         png = line_chart_png(series, title=f"loss of {lineage}, by flow run", xlabel="global step", ylabel="loss")

@@ -51,3 +51,18 @@ def test_a_lineage_with_nothing_committed_says_a_retry_starts_from_scratch(tmp_p
     store = CheckpointStore(str(tmp_path / "store"))
     page = lineage_markdown(store, "empty", [], {}, "failed", failed=True)
     assert "no checkpoint committed yet; Retry starts from scratch" in page
+
+
+def test_a_failure_inside_a_ray_actor_is_told_by_its_own_error_not_by_rays_wrapper():
+    from ray.exceptions import RayTaskError
+
+    from flows.artifacts import error_text
+
+    cause = RuntimeError("injected failure at epoch 1 batch 15")
+    wrapped = RayTaskError("ray::WarmGroup.run_block()", "Traceback (most recent call last):\n  File \"x\"\n"
+                           f"RuntimeError: {cause}", cause, proctitle="ray::WarmGroup.run_block()", pid=16290,
+                           ip="192.0.2.2", actor_repr="<tasks.warm.WarmGroup object at 0x7fe6>",
+                           actor_id="5d9f").as_instanceof_cause()
+    assert "\x1b[" in str(wrapped) and "pid=16290" in str(wrapped)  # what the page showed before
+    assert error_text(wrapped) == "RuntimeError: injected failure at epoch 1 batch 15"
+    assert error_text(ValueError("bad\nvalue")) == "ValueError: bad"
