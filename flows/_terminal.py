@@ -138,7 +138,9 @@ class TrainMonitor:
         self.last_epoch_at: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="baton-progress")
-        self._live = Live(console=console, refresh_per_second=2, transient=True,
+        # No redirection of sys.stdout/sys.stderr by rich: they lead to the log file (QuietOutput).
+        self._live = Live(console=console, refresh_per_second=2, transient=True, redirect_stdout=False,
+                          redirect_stderr=False,
                           get_renderable=self.render) if live else None
 
     def print(self, line: str) -> None:

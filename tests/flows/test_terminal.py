@@ -123,3 +123,12 @@ def test_verbose_is_a_command_line_option_not_a_config_field(tmp_path, monkeypat
     out = runner.invoke(app, ["train", "--dry-run", "--verbose", "--epochs", "2"], env={"BATON_FAIL": None})
     assert out.exit_code == 0, out.output
     assert "verbose" not in json.loads(out.stdout)["config"]
+
+
+def test_the_live_display_leaves_python_level_output_where_it_was_going(tmp_path, capsys):
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=120)
+    with TrainMonitor(CheckpointStore(str(tmp_path / "store")), "demo", epochs=2, console=console, live=True):
+        print("Reporting training result 1: TrainingReport(...)")  # as Ray's log forwarding does
+    assert "TrainingReport" not in buffer.getvalue()
+    assert "TrainingReport" in capsys.readouterr().out
