@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from ckpt import CheckpointRef, CheckpointStore, Manifest, RetentionPolicy, prune
 
 from .preempt import Preempted, clean_message, notice_path
+from .context import newest_good
 from .spec import BlockSpec
 from .worker import worker_loop
 
@@ -225,7 +226,8 @@ def run_block(spec: BlockSpec, logger) -> tuple[CheckpointRef, bool]:
     # Only a block that would be skipped verifies here; the workers verify what they load.
     latest = store.latest(spec.lineage)
     if latest is not None and latest.epochs_done >= spec.end_epoch:
-        latest = store.latest_verified(spec.lineage)
+        # Skipping trusts the newest checkpoint that verifies and loads, never one that does not.
+        latest, _ = newest_good(store, spec.lineage)
     if latest is not None and latest.epochs_done >= spec.end_epoch:
         logger.info("block %d: %s already has %d epochs (checkpoint %s): nothing to train",
                     spec.index, spec.lineage, latest.epochs_done, latest.id)

@@ -399,7 +399,7 @@ class TrainContext:
             rng=[r["rng"] for r in ranks or []], progress={"sums": sums, "counts": counts}, extra=extra)
 
     def _load(self) -> TrainingState | None:
-        manifest, state = _newest_good(self.store, self.spec.lineage)
+        manifest, state = newest_good(self.store, self.spec.lineage)
         if manifest is not None:
             self._committer and self._committer.resumed_from(manifest.id)
             if self.rank == 0:
@@ -502,7 +502,7 @@ def seed_rank(seed: int, rank: int, step: int) -> None:
     torch.manual_seed(value)
 
 
-def _newest_good(store: CheckpointStore, lineage: str) -> tuple[Manifest | None, TrainingState | None]:
+def newest_good(store: CheckpointStore, lineage: str) -> tuple[Manifest | None, TrainingState | None]:
     """The newest committed checkpoint whose files verify and decode: a corrupt one is skipped (and
     logged), never loaded. Each file is read once: verifying already reads them all."""
     for manifest in reversed(store.list(lineage)):
