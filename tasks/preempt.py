@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 
-from ckpt import CheckpointStore
+from ckpt import CheckpointStore, Lease
 
 log = logging.getLogger("baton.preempt")
 MARKER = "preempted at epoch"  # in every Preempted message; block retries are skipped on it
@@ -51,8 +51,11 @@ class NoticeWatcher:
     """Rank 0: polls for a notice every `interval_s` on a daemon thread (one small read on a local
     store, one HEAD on S3), so the training step only reads a flag."""
 
-    def __init__(self, store: CheckpointStore, lineage: str, fence: int, interval_s: float = 0.25):
+    def __init__(self, store: CheckpointStore, lineage: str, fence: int, interval_s: float = 0.25,
+                 lease_every_s: float = 1.0):
         self.path, self.fs, self.interval_s = notice_path(store, lineage, fence), store.fs, interval_s
+        self.store, self.lineage, self.fence = store, lineage, fence
+        self._lease_every_s, self._lease_checked = lease_every_s, float("-inf")
         self.reason: str | None = None
         self.noticed_at: float | None = None
         self._seen = threading.Event()
@@ -73,13 +76,32 @@ class NoticeWatcher:
         try:
             self.fs.invalidate_cache(self.path.rsplit("/", 1)[0])  # s3fs would answer from a stale listing
             if self.fs.exists(self.path):
-                self.reason = json.loads(self.fs.cat_file(self.path)).get("reason", "notice")
-                self.noticed_at = time.monotonic()
-                self._seen.set()
-                return True
+                return self._notice(json.loads(self.fs.cat_file(self.path)).get("reason", "notice"))
+            if self.fence and time.monotonic() - self._lease_checked >= self._lease_every_s:
+                self._lease_checked = time.monotonic()
+                gone = self._holder_gone()
+                if gone:
+                    return self._notice(gone)
         except Exception as err:  # a storage hiccup must not kill training; the next poll retries
             log.debug("preemption watcher: %s", err)
         return False
+
+    def _holder_gone(self) -> str | None:
+        """The flow run holding the lease died (or lost it): the workers of a killed driver stop at
+        the next step, with that step committed, instead of training on for nobody."""
+        record = Lease.current(self.store, self.lineage)
+        if record is None:
+            return "the flow run released its lease"
+        if record.fence != self.fence:
+            return f"another run took the lease over (fence {record.fence})"
+        if not record.holder_alive():
+            return f"the flow run holding the lease is gone ({record.describe()})"
+        return None
+
+    def _notice(self, reason: str) -> bool:
+        self.reason, self.noticed_at = reason, time.monotonic()
+        self._seen.set()
+        return True
 
     def close(self) -> None:
         self._stop.set()

@@ -71,3 +71,20 @@ def test_baton_preempt_gives_the_lease_holder_notice_and_refuses_when_nobody_tra
         assert out.exit_code == 0, out.output
         assert st.fs.exists(notice_path(st, "busy", lease.fence))
         assert json.loads(st.fs.cat_file(notice_path(st, "busy", lease.fence)))["reason"] == "spot notice"
+
+
+def test_workers_whose_flow_process_died_commit_the_step_they_are_at_and_stop(tmp_path):
+    import subprocess
+    import sys
+
+    from flows.config import TrainConfig
+    from tasks.worker import run_local
+
+    # A flow process that took the lease and died without releasing it (SIGKILL leaves it so).
+    code = ("import sys; from ckpt import CheckpointStore, Lease; "
+            f"print(Lease(CheckpointStore({str(tmp_path)!r}), 'orphan', owner='doomed').acquire())")
+    fence = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    config = TrainConfig(store=str(tmp_path), lineage="orphan", workers=1, **SLOW)
+    with pytest.raises(Preempted, match="preempted at epoch 0 step 1 "):
+        run_local(config.blocks(fence=fence)[0])
+    assert CheckpointStore(str(tmp_path)).latest("orphan").step == 1
