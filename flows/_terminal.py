@@ -135,6 +135,7 @@ class TrainMonitor:
         self.latest = None
         self.epochs_before: int | None = None
         self.first_epoch_at: float | None = None  # when this run's first epoch was committed
+        self.first_done = 0  # epochs done then
         self.last_epoch_at: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="baton-progress")
@@ -178,7 +179,8 @@ class TrainMonitor:
             return
         now = time.monotonic()
         if done > (self.latest.epochs_done if self.latest else self.epochs_before):
-            self.first_epoch_at = self.first_epoch_at or now
+            if self.first_epoch_at is None:
+                self.first_epoch_at, self.first_done = now, done
             self.last_epoch_at = now
         self.latest = latest
         if self._live is None:
@@ -191,7 +193,12 @@ class TrainMonitor:
         trained = self.latest.epochs_done - self.epochs_before
         if trained <= 0:
             return None
-        per_epoch = (self.last_epoch_at - self.started) / trained
+        # From the second epoch on, the rate between this run's commits: start-up is not repeated.
+        since_first = self.latest.epochs_done - self.first_done
+        if since_first >= 1 and self.first_epoch_at is not None and self.last_epoch_at > self.first_epoch_at:
+            per_epoch = (self.last_epoch_at - self.first_epoch_at) / since_first
+        else:
+            per_epoch = (self.last_epoch_at - self.started) / trained
         left = max(0, self.epochs - self.latest.epochs_done)
         return left * per_epoch - (time.monotonic() - self.last_epoch_at) if left else 0.0
 

@@ -132,3 +132,19 @@ def test_the_live_display_leaves_python_level_output_where_it_was_going(tmp_path
         print("Reporting training result 1: TrainingReport(...)")  # as Ray's log forwarding does
     assert "TrainingReport" not in buffer.getvalue()
     assert "TrainingReport" in capsys.readouterr().out
+
+
+def test_the_eta_leaves_out_the_start_up_once_two_epochs_of_the_run_are_committed(tmp_path):
+    import time
+
+    store = CheckpointStore(str(tmp_path / "store"))
+    monitor = TrainMonitor(store, "demo", epochs=10, console=Console(file=io.StringIO()), live=True)
+    monitor.poll()
+    monitor.started -= 60  # a minute of start-up before the first epoch
+    _commit(store, 0, 0.7)
+    monitor.poll()
+    assert monitor.eta_s() > 9 * 50  # one epoch known: start-up included
+    time.sleep(0.2)
+    _commit(store, 1, 0.6)
+    monitor.poll()
+    assert monitor.eta_s() < 8 * 5  # epochs come every fraction of a second since
