@@ -178,15 +178,19 @@ def publish_failure(store: CheckpointStore, lineage: str, epochs: int, error: Ba
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)\b[^:\s]*: \S")
+
+
 def error_text(error: BaseException) -> str:
     """What went wrong, in one line: the error raised in the worker, not Ray's wrapper of it
-    (a RayTaskError names the actor, its pid and its repr, in terminal colours)."""
+    (a RayTaskError names the actor, its pid and its repr, in terminal colours) nor the heading of
+    Ray Train's summary ("Training failed due to worker errors:", then each rank's traceback)."""
     while getattr(error, "cause", None) is not None and type(error).__name__.startswith("Ray"):
         error = error.cause
     lines = [line.strip() for line in _ANSI.sub("", str(error)).splitlines() if line.strip()]
-    # Ray's own text of a task error ends with the original "Type: message" line.
-    message = lines[-1] if lines and lines[0].startswith("ray::") else (lines[0] if lines else "")
-    return f"{type(error).__name__}: {message}" if not message.startswith(type(error).__name__) else message
+    raised = [line for line in lines[1:] if _ERROR_LINE.match(line)]
+    message = raised[-1] if raised else (lines[0] if lines else "")
+    return message if _ERROR_LINE.match(message) else f"{type(error).__name__}: {message}"
 
 
 def _this_run() -> str:

@@ -66,3 +66,14 @@ def test_a_failure_inside_a_ray_actor_is_told_by_its_own_error_not_by_rays_wrapp
     assert "\x1b[" in str(wrapped) and "pid=16290" in str(wrapped)  # what the page showed before
     assert error_text(wrapped) == "RuntimeError: injected failure at epoch 1 batch 15"
     assert error_text(ValueError("bad\nvalue")) == "ValueError: bad"
+
+
+def test_a_failed_worker_group_is_told_by_the_error_of_the_rank_that_failed():
+    from ray.train import WorkerGroupError
+
+    from flows.artifacts import error_text
+
+    snippet = ("[Rank 0 Error Snippet]:\nTraceback (most recent call last):\n  File \"tasks/faults.py\", line 57\n"
+               "RuntimeError: failure injection: rank 0 fails at step of epoch 1 batch 15\n")
+    failed = RuntimeError(str(WorkerGroupError(snippet, {0: RuntimeError("failure injection")})))
+    assert error_text(failed) == "RuntimeError: failure injection: rank 0 fails at step of epoch 1 batch 15"
