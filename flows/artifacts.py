@@ -264,12 +264,12 @@ def lineage_markdown(store: CheckpointStore, lineage: str, manifests: list[Manif
         lines += ["", f"![loss of {lineage} across runs](data:image/png;base64,{base64.b64encode(png).decode()})"]
     names = sorted({name for m in manifests for name in m.metrics})
     lines += ["", "| checkpoint | epoch | step | " + " | ".join(names) + (" | " if names else "")
-              + "flow run | committed (UTC) |",
+              + "flow run | UTC |",
               "|---|---:|---:|" + "---:|" * len(names) + "---|---|"]
     for m in reversed(manifests):
         values = " | ".join(f"{m.metrics[n]:.4g}" if n in m.metrics else "" for n in names)
         lines.append(f"| `{m.id}` | {m.epoch} | {m.step} | {values}{' | ' if names else ''}"
-                     f"{runs.get(m.fence, '-')} | {m.created_at:%Y-%m-%d %H:%M:%S} |")
+                     f"{runs.get(m.fence, '-')} | {m.created_at:%m-%d %H:%M} |")
     return "\n".join(lines) + "\n"
 
 
