@@ -130,6 +130,14 @@ def _train(config_file: Optional[Path] = None, ray_address: Optional[str] = None
         print(json.dumps({"lineage": config.resolved_lineage(), "config": config.model_dump(mode="json"),
                           "blocks": plan}, indent=2))
         return
+    from .config import already_trained
+
+    finished = already_trained(config)
+    if finished is not None:  # a rerun of a finished lineage: no server, no Ray
+        console.print(f"{finished.lineage} already has {finished.epochs} epoch(s): nothing to train",
+                      markup=False, highlight=False)
+        _print_summary(console, finished, as_json, None)
+        return
     if ray_address:
         os.environ["RAY_ADDRESS"] = ray_address
     if os.environ.get("RAY_ADDRESS"):

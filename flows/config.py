@@ -11,15 +11,16 @@ import hashlib
 import json
 import os
 import sys
+import time
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
-from ckpt import InvalidName, validate_name
+from ckpt import CheckpointRef, CheckpointStore, InvalidName, validate_name
 from tasks.recipes import RecipeError, RecipeParams, load_recipe
 from tasks.settings import DEFAULT_RECIPE, TrainSettings
 from tasks.spec import BlockSpec
 
-__all__ = ["DEFAULT_RECIPE", "TrainConfig", "safe_lineage"]
+__all__ = ["DEFAULT_RECIPE", "TrainConfig", "TrainSummary", "safe_lineage"]
 
 
 @contextlib.contextmanager
@@ -121,3 +122,32 @@ class TrainConfig(TrainSettings):
                       last=i == len(starts) - 1)
             for i, start in enumerate(starts)
         ]
+
+
+class TrainSummary(BaseModel):
+    """What a training run did: the `train` flow's result and `baton train`'s last lines."""
+
+    lineage: str
+    store: str
+    epochs: int
+    epochs_trained: int
+    blocks_trained: int
+    final: CheckpointRef | None
+    wall_time_s: float
+
+
+def already_trained(config: TrainConfig) -> TrainSummary | None:
+    """The lineage already has `config.epochs` in a checkpoint that verifies and loads: the answer
+    of a rerun, found without starting a Prefect server or Ray."""
+    started = time.monotonic()
+    store, lineage = CheckpointStore(config.store, config.storage_options), config.resolved_lineage()
+    latest = store.latest(lineage)
+    if latest is None or latest.epochs_done < config.epochs:
+        return None
+    from tasks.context import newest_good
+
+    good, _ = newest_good(store, lineage)
+    if good is None or good.epochs_done < config.epochs:
+        return None
+    return TrainSummary(lineage=lineage, store=store.url, epochs=config.epochs, epochs_trained=0, blocks_trained=0,
+                        final=store.ref(good), wall_time_s=time.monotonic() - started)

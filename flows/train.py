@@ -11,26 +11,15 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect_ray import RayTaskRunner
 from prefect_ray.context import remote_options
-from pydantic import BaseModel
 
-from ckpt import CheckpointRef, CheckpointStore, Lease
+from ckpt import CheckpointStore, Lease
 from tasks import train_block
 from tasks.preempt import on_signals
 from tasks.block import RAY_TRAIN_ENV
 
 from .artifacts import TrainProgress, publish_failure, publish_run
-from .config import TrainConfig
+from .config import TrainConfig, TrainSummary
 from .served import describe, served
-
-
-class TrainSummary(BaseModel):
-    lineage: str
-    store: str
-    epochs: int
-    epochs_trained: int
-    blocks_trained: int
-    final: CheckpointRef | None
-    wall_time_s: float
 
 
 # Storage credentials and endpoint travel with the job to the Ray workers that read and write the

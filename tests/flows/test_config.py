@@ -76,3 +76,27 @@ def test_a_config_file_of_the_wrong_shape_or_type_is_refused_with_a_message(tmp_
     path.write_text(text)
     out = runner.invoke(app, ["train", "--dry-run", "--config", str(path)])
     assert out.exit_code == 2 and says in out.output and "Traceback" not in out.output
+
+
+def test_a_rerun_of_a_finished_lineage_answers_from_the_store_without_a_server(tmp_path):
+    from ckpt import CheckpointStore
+    from flows.config import already_trained
+    from tasks.worker import run_local
+
+    config = TrainConfig(store=str(tmp_path), lineage="done", workers=1, epochs=2, epochs_per_block=1)
+    assert already_trained(config) is None
+    for spec in config.blocks():
+        run_local(spec)
+    summary = already_trained(config)
+    assert summary.epochs_trained == 0 and summary.final.epochs_done == 2
+    assert already_trained(config.model_copy(update={"epochs": 3})) is None
+    out = runner.invoke(app, ["train", "--store", str(tmp_path), "--lineage", "done", "--workers", "1",
+                              "--epochs", "2", "--epochs-per-block", "1"])
+    assert out.exit_code == 0 and "nothing to train" in out.output
+    # A damaged newest checkpoint is no answer: the run must train (and repair) it.
+    st = CheckpointStore(str(tmp_path))
+    newest = st.latest("done")
+    path = st.path("done", newest.id, "model.safetensors")
+    data = st.fs.cat_file(path)
+    st.fs.pipe(path, data[:-1] + bytes([data[-1] ^ 0xFF]))
+    assert already_trained(config) is None

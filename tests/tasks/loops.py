@@ -78,7 +78,7 @@ def returns_early(ctx) -> None:
         return
 
 
-def numbers(params) -> "ray.data.Dataset":  # noqa: F821
+def numbers(params):
     """A Ray Data set for `datasets: {"train": "tests.tasks.loops:numbers"}`, in a fixed order."""
     import ray.data
 
