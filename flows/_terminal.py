@@ -31,8 +31,9 @@ _RAY_PREFIX = re.compile(r"^\((?P<source>[^()]*?) pid=\d+(?:, ip=[^()]*)?\)\s?")
 _PREFECT_RUN_LINE = re.compile(r"^(?P<time>\d\d:\d\d:\d\d)(?:\.\d+)? \| (?P<level>[A-Z]+)\s*\| "
                                r"(?P<kind>Flow run|Task run) '(?P<name>[^']*)' - (?P<message>.*)$")
 # Run-log lines that say nothing a person at the terminal needs (they stay in the log and the UI).
-_QUIET_MESSAGES = ("Finished in state Completed()", "Beginning flow run", "effective config:",
-                   "Created task run", "Submitting task")
+# A failure is told once, by `baton train` itself, in one line (the tracebacks stay in the log).
+_QUIET_MESSAGES = ("Finished in state ", "Beginning flow run", "effective config:", "Created task run",
+                   "Submitting task", "Task run failed with exception", "Encountered exception during execution")
 
 
 def baton_line(raw: str) -> str | None:

@@ -166,10 +166,11 @@ def _train_quietly(config, as_json: bool) -> None:
         out, err = Console(file=quiet.stdout), Console(file=quiet.stderr)
         err.print(f"baton train {lineage}: Ray and Prefect output goes to {log_path} (--verbose shows it here)",
                   markup=False, highlight=False, style="dim", soft_wrap=True)
-        store = CheckpointStore(config.store, config.storage_options)
-        monitor = TrainMonitor(store, lineage, config.epochs, err, live=err.is_terminal)
-        quiet.show = monitor.print
+        store = None
         try:
+            store = CheckpointStore(config.store, config.storage_options)
+            monitor = TrainMonitor(store, lineage, config.epochs, err, live=err.is_terminal)
+            quiet.show = monitor.print
             with monitor:
                 from .train import train as train_flow
 
@@ -179,11 +180,25 @@ def _train_quietly(config, as_json: bool) -> None:
     if failed is not None:
         if not isinstance(failed, (typer.Exit, KeyboardInterrupt)):
             err.print(f"baton train failed: {type(failed).__name__}: {failed}", style="red", markup=False)
-        err.print(f"full log: {log_path}", markup=False, highlight=False)
+        _tell_resume_point(err, store, lineage)
+        err.print(f"full log: {log_path}", markup=False, highlight=False, soft_wrap=True)
         if isinstance(failed, (typer.Exit, KeyboardInterrupt)):
             raise failed
         raise typer.Exit(1)
     _print_summary(out, summary, as_json, log_path)
+
+
+def _tell_resume_point(err: Console, store, lineage: str) -> None:
+    if store is None:
+        return
+    try:
+        latest = store.latest(lineage)
+    except Exception:  # the store is what failed: the error above says so
+        return
+    where = (f"the latest committed checkpoint of {lineage} is {latest.id} (epoch {latest.epoch}, step "
+             f"{latest.step}); the same command resumes there" if latest else
+             f"{lineage} has no committed checkpoint; the same command starts it from scratch")
+    err.print(where, markup=False, highlight=False, soft_wrap=True)
 
 
 def _print_summary(out: Console, summary, as_json: bool, log_path: Optional[Path]) -> None:
@@ -233,11 +248,14 @@ def _run_flow(flow_fn, err: Optional[Console] = None, **params):
         with prefect_api():
             state = flow_fn(**params, return_state=True)
             if not state.is_completed():
-                err.print(f"{flow_fn.name} failed: {state.message}", style="red", markup=False)
+                from .artifacts import error_text
+
                 try:
                     state.result()
+                    told = state.message or state.name
                 except Exception as error:
-                    err.print(f"{type(error).__name__}: {error}", style="red", markup=False)
+                    told = error_text(error)
+                err.print(f"{flow_fn.name} failed: {told}", style="red", markup=False, soft_wrap=True)
                 raise typer.Exit(1)
             return state.result()
     except ServerStartError as error:

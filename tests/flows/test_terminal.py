@@ -31,6 +31,11 @@ RAY_CHATTER = [
     "\x1b[36m(TrainController pid=29131)\x1b[0m Requesting resources: {'CPU': 1.0} * 2",
     "\x1b[36m(train-block pid=29052)\x1b[0m 06:47:19.843 | INFO    | Task run 'block-0' - Finished in state Completed()",
     "06:46:55.474 | INFO    | Flow run 'garnet-roadrunner' - Beginning flow run 'garnet-roadrunner' for flow 'train'",
+    # A failure, which `baton train` tells once itself:
+    "\x1b[36m(train-block pid=29052)\x1b[0m 07:33:24.101 | ERROR   | Task run 'block-0' - Task run failed with exception: "
+    "RayTaskError(RuntimeError)(RuntimeError('WorkerGroupError: Training failed due to worker errors:\\n'))",
+    "07:33:26.002 | ERROR   | Flow run 'garnet-roadrunner' - Encountered exception during execution: RayTaskError",
+    "07:33:28.310 | ERROR   | Flow run 'garnet-roadrunner' - Finished in state Failed('Flow run encountered an exception')",
 ]
 
 
