@@ -89,6 +89,21 @@ def test_the_terminal_of_a_two_block_run_shows_baton_lines_and_a_summary_and_the
     assert len(out.stdout.splitlines()) <= 8
 
 
+def test_a_failed_run_says_once_what_failed_and_where_the_same_command_resumes(cluster_env, workdir):
+    env = dict(cluster_env, BATON_FAIL=json.dumps({"action": "raise", "epoch": 1, "batch": 2}))
+    out = run_baton(["train", "--store", str(workdir / "ckpts"), "--lineage", "failing", "--epochs", "2",
+                     "--block-retries", "0", "--max-failures", "0"], env, workdir)
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    terminal = out.stdout + out.stderr
+    assert "Traceback" not in terminal and "ray::" not in terminal and "\x1b[" not in terminal, terminal
+    failures = [line for line in out.stderr.splitlines() if "failure injection" in line]
+    assert failures == ["train failed: RuntimeError: failure injection: rank 0 fails at batch of epoch 1 batch 2"], \
+        out.stderr
+    assert "the latest committed checkpoint of failing is 000000-0000000004 (epoch 0, step 4); the same command " \
+           "resumes there" in out.stderr
+    assert "full log: " in out.stderr and "Traceback" in _log_file(out.stderr).read_text()
+
+
 def test_two_runs_side_by_side_each_on_its_own_local_ray_complete_with_no_traceback(base_env, prefect_server, workdir):
     env = dict(base_env, PREFECT_API_URL=prefect_server)  # no RAY_ADDRESS: each run starts its own Ray
     args = ["train", "--epochs", "1", "--workers", "1"]
