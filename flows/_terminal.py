@@ -29,7 +29,9 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 # "[repeated Nx across cluster]".
 _RAY_PREFIX = re.compile(r"^\((?P<source>[^()]*?) pid=\d+(?:, ip=[^()]*)?\)\s?")
 _PREFECT_RUN_LINE = re.compile(r"^(?P<time>\d\d:\d\d:\d\d)(?:\.\d+)? \| (?P<level>[A-Z]+)\s*\| "
-                               r"(?P<kind>Flow run|Task run) '(?P<name>[^']*)' - (?P<message>.*)$")
+                               r"(?:(?P<kind>Flow run|Task run) '(?P<name>[^']*)'|(?P<logger>[\w.]+)) - (?P<message>.*)$")
+# Besides the run loggers, Baton's own loggers (in Prefect's format when Prefect set up logging).
+_BATON_LOGGERS = ("ckpt", "tasks", "flows", "baton")
 # Run-log lines that say nothing a person at the terminal needs (they stay in the log and the UI).
 # A failure is told once, by `baton train` itself, in one line (the tracebacks stay in the log).
 _QUIET_MESSAGES = ("Finished in state ", "Beginning flow run", "effective config:", "Created task run",
@@ -41,7 +43,7 @@ def baton_line(raw: str) -> str | None:
     Prefect's own chatter, tracebacks): a flow or block task's run-log line, shortened."""
     line = _RAY_PREFIX.sub("", _ANSI.sub("", raw).rstrip("\r\n"), count=1)
     found = _PREFECT_RUN_LINE.match(line)
-    if found is None:
+    if found is None or (found["logger"] and found["logger"].split(".")[0] not in _BATON_LOGGERS):
         return None
     message = found["message"].removesuffix(" [repeated 2x across cluster]")
     if message.startswith(_QUIET_MESSAGES):

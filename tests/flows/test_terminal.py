@@ -48,6 +48,9 @@ def test_ray_and_prefect_chatter_is_not_shown_and_baton_run_lines_are_shortened(
     assert baton_line(flow) == "06:46:55 lineage demo in /tmp/ck: 0 of 2 epochs committed"
     warning = "06:46:55.613 | WARNING | Flow run 'x' - could not publish the lineage artifact: OSError: gone"
     assert baton_line(warning) == "06:46:55 WARNING: could not publish the lineage artifact: OSError: gone"
+    lease = "06:46:55.700 | WARNING | ckpt.lease - took over the lease of lineage demo from flow run a (h:1)"
+    assert baton_line(lease) == "06:46:55 WARNING: took over the lease of lineage demo from flow run a (h:1)"
+    assert baton_line("06:46:55.700 | WARNING | prefect.events.clients - could not reach the server") is None
 
 
 def test_output_of_this_process_and_its_children_goes_to_the_log_and_only_baton_lines_are_shown(tmp_path):
