@@ -10,16 +10,16 @@ import torch
 class Collectives:
     """All ranks call each method in the same order (they are collectives)."""
 
-    def __init__(self, world_size: int, device: torch.device):
+    def __init__(self, world_size: int):
         self.world_size = world_size
-        self._device = device
+        self._group = None
+        if world_size > 1:
+            import torch.distributed as dist
 
-    @property
-    def _on(self) -> torch.device:
-        import torch.distributed as dist
-
-        # NCCL reduces only device tensors; gloo only host ones.
-        return self._device if dist.get_backend() == "nccl" else torch.device("cpu")
+            if dist.get_backend() == "nccl":
+                # Baton's own collectives (votes, metric sums, RNG states) go over a gloo group on
+                # the host: on NCCL each would need a device tensor and a stream sync per step.
+                self._group = dist.new_group(backend="gloo")
 
     def gather_object(self, obj: Any) -> list[Any]:
         if self.world_size == 1:
@@ -27,7 +27,7 @@ class Collectives:
         import torch.distributed as dist
 
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=self._group)
         return out
 
     def broadcast_object(self, obj: Any) -> Any:
@@ -37,17 +37,24 @@ class Collectives:
         import torch.distributed as dist
 
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=self._group)
         return box[0]
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank when `flag` is true on any rank."""
+    def start_any(self, flag: bool) -> Any:
+        """Begin agreeing whether `flag` is true on any rank, without waiting: `finish_any` of the
+        result, a step later, reads the answer (the collective ran meanwhile, off the step's path)."""
         if self.world_size == 1:
             return flag
         import torch.distributed as dist
 
-        value = torch.tensor([1 if flag else 0], device=self._on)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        value = torch.tensor([1 if flag else 0])
+        return value, dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+
+    def finish_any(self, started: Any) -> bool:
+        if isinstance(started, bool):
+            return started
+        value, work = started
+        work.wait()
         return bool(value.item())
 
     def sum_dicts(self, *dicts: dict[str, float]) -> tuple[dict[str, float], ...]:
@@ -58,9 +65,9 @@ class Collectives:
 
         keys = [sorted(set().union(*(set(k) for k in ks))) for ks in zip(*self.gather_object([list(d) for d in dicts]))]
         flat = [d.get(k, 0.0) for d, names in zip(dicts, keys) for k in names]
-        values = torch.tensor(flat, dtype=torch.float64, device=self._on)
+        values = torch.tensor(flat, dtype=torch.float64)
         if values.numel():
-            dist.all_reduce(values)
+            dist.all_reduce(values, group=self._group)
         values, out, at = values.cpu().tolist(), [], 0
         for names in keys:
             out.append(dict(zip(names, values[at:at + len(names)])))
@@ -78,8 +85,8 @@ class Collectives:
         if self.world_size > 1:
             import torch.distributed as dist
 
-            flag = torch.tensor([1 if error else 0], device=self._on)
-            dist.broadcast(flag, src=0)
+            flag = torch.tensor([1 if error else 0])
+            dist.broadcast(flag, src=0, group=self._group)
             failed = bool(flag.item())
         if error is not None:
             raise error

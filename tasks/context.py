@@ -59,7 +59,7 @@ class TrainContext:
         self.device = device or torch.device("cpu")
         self.store = CheckpointStore(spec.settings.store, spec.settings.storage_options)
         self._report = report or (lambda metrics: None)
-        self._dist = Collectives(world_size, self.device)
+        self._dist = Collectives(world_size)
         self._ray_train = ray_train
         self._pending_report: dict[str, Any] | None = None  # async: sent once its checkpoint is committed
         self._objects: dict[str, Any] = {}
@@ -81,6 +81,7 @@ class TrainContext:
         self._last_step_at: float | None = None
         self._step_s = 0.0
         self._committed_step = -1
+        self._notice_vote: Any = None  # the preemption vote in flight (tasks._dist.start_any)
 
     # ---- what a loop reads
     @property
@@ -223,8 +224,15 @@ class TrainContext:
                         message, reason, saved_s + self._step_s, self._step_s, saved_s)
         raise Preempted(message)
 
+    def _drain_vote(self) -> None:
+        """Finish the vote in flight (every rank has one, from the same step)."""
+        vote, self._notice_vote = self._notice_vote, None
+        if vote is not None:
+            self._dist.finish_any(vote)
+
     def _settle(self) -> None:
         """The last save committed and reported, on every rank."""
+        self._drain_vote()
         error = self._committer.close() if self._committer else None
         self._dist.agree(error)
         self._send(self._pending_report)
@@ -259,7 +267,11 @@ class TrainContext:
         every = self.spec.settings.checkpoint_every_steps
         if every and self._position.step % every == 0 and self._mid_epoch_checkpoint_possible():
             self._checkpoint(report=False)
-        if self._dist.any(bool(self._notice and self._notice.requested)):
+        # Preemption: every rank learns of a notice through one collective that runs during the
+        # next step (no stall per step); all ranks read its answer at the same step and stop there.
+        agreed, self._notice_vote = self._notice_vote, self._dist.start_any(bool(self._notice and self._notice.requested))
+        if agreed is not None and self._dist.finish_any(agreed):
+            self._drain_vote()
             self._stop_at_step()
         faults.at_batch(self.spec.settings.fail, self.store, self.spec.lineage, self.rank, epoch, self._position.batch_in_epoch)
 
@@ -268,6 +280,9 @@ class TrainContext:
         averaged over the ranks and stored with the step metrics' epoch means. Returns them."""
         epoch = self._require_epoch("ctx.end_epoch")
         self._audit()
+        vote, self._notice_vote = self._notice_vote, None
+        if vote is not None and self._dist.finish_any(vote):
+            self._stop_after_epoch = True  # a notice during the epoch's last step: stop after its commit
         self._position = self._position.model_copy(update={"epoch": epoch, "epoch_complete": True})
         reduced = self._checkpoint(report=True, epoch_metrics=metrics)
         self._sums, self._counts, self._epoch_ended = {}, {}, True
