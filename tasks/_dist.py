@@ -79,16 +79,13 @@ class Collectives:
         return {k: v / self.world_size for k, v in total.items()}
 
     def agree(self, error: BaseException | None) -> None:
-        """Rank 0 tells every rank whether its save failed; all ranks must call this, or the others
-        would hang in the next collective."""
-        failed = bool(error)
+        """Rank 0 tells every rank whether its save failed, and why; all ranks must call this, or
+        the others would hang in the next collective. The others fail naming rank 0's error, so
+        whichever rank's error a summary shows, it says what went wrong."""
+        told = f"{type(error).__name__}: {error}" if error is not None else None
         if self.world_size > 1:
-            import torch.distributed as dist
-
-            flag = torch.tensor([1 if error else 0])
-            dist.broadcast(flag, src=0, group=self._group)
-            failed = bool(flag.item())
+            told = self.broadcast_object(told)
         if error is not None:
             raise error
-        if failed:
-            raise RuntimeError("rank 0 failed to commit the checkpoint; see its log")
+        if told is not None:
+            raise RuntimeError(f"rank 0 failed to commit the checkpoint: {told}")
