@@ -113,7 +113,7 @@ def test_an_on_demand_deployment_run_trains_end_to_end_and_publishes_its_artifac
         rows = json.loads(found["served-checkpoints"]["data"])
         assert found["served-checkpoints"]["type"] == "table"
         assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
-        assert {"epoch", "step", "loss", "uri", "digest"} <= set(rows[0])
+        assert {"epoch", "step", "loss", "location", "digest"} <= set(rows[0])
         assert rows[-1]["digest"] == manifests[-1].digest
         assert f"{manifests[-1].id})" in found["served-latest"]["data"]  # markdown [text](uri)
         summary = found["served-summary"]["data"]
