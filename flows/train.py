@@ -54,13 +54,7 @@ def own_cluster_options() -> dict:
 
     if not ray.is_initialized():
         return {}
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    context = ray.get_runtime_context()
-    # Block tasks (and the warm worker group they start) stay on the flow's own node when it can
-    # hold them: losing a worker node then costs its Ray Train workers, not the block's driver.
-    return {"runtime_env": {"env_vars": {"RAY_ADDRESS": context.gcs_address}},
-            "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=context.get_node_id(), soft=True)}
+    return {"runtime_env": {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}}}
 
 
 class RayRunner(RayTaskRunner):

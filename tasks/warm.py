@@ -162,12 +162,8 @@ def run_block(spec: BlockSpec, start_id: str | None, flow_run: str, logger) -> d
     name = group_name(spec, flow_run)
     group = _usable_group(name, spec, logger)
     if group is None:
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        # On the block task's node: the group drives Ray Train, and must outlive a worker node.
-        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
-        group = WarmGroup.options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-                                  scheduling_strategy=here).remote(_key(spec), spec.settings.warm_idle_timeout_s)
+        group = WarmGroup.options(name=name, namespace=NAMESPACE, lifetime="detached",
+                                  get_if_exists=True).remote(_key(spec), spec.settings.warm_idle_timeout_s)
     return ray.get(group.run_block.remote(spec.model_dump(mode="json"), start_id))
 
 
