@@ -22,8 +22,10 @@ BIN = Path(sys.executable).parent
 
 def pytest_collection_modifyitems(config, items):
     # A test that needs the S3 server is an integration test: `-m "not integration"` starts nothing.
+    # So is a slow one (multi-process crash trials, timeouts that must run out): the fast tier stays
+    # under a minute; the full suite runs them all.
     for item in items:
-        if item.get_closest_marker("s3") and not item.get_closest_marker("integration"):
+        if (item.get_closest_marker("s3") or item.get_closest_marker("slow")) and not item.get_closest_marker("integration"):
             item.add_marker(pytest.mark.integration)
     # Fast tests first: they fail in seconds, before any cluster or server starts.
     items.sort(key=lambda item: 1 if item.get_closest_marker("integration") else 0)

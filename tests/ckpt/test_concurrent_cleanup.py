@@ -3,6 +3,8 @@ of a training block): their deletions race, and none of them may fail for it."""
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -62,6 +64,7 @@ class Pruners:
             proc.wait(30)
 
 
+@pytest.mark.slow
 def test_three_cleanups_at_once_all_succeed_and_leave_exactly_what_the_policy_keeps(tmp_path):
     root = tmp_path / "store"
     pruners = Pruners(str(root), count=3, keep_last=2)

@@ -22,6 +22,7 @@ def closed_endpoint() -> str:
     return f"http://127.0.0.1:{port}"  # nothing listens there once the socket is closed
 
 
+@pytest.mark.slow
 def test_a_store_on_an_unreachable_endpoint_fails_within_seconds_naming_the_endpoint_and_the_fix(closed_endpoint):
     store = CheckpointStore("s3://bucket/root", {"endpoint_url": closed_endpoint, **CREDENTIALS})
     started = time.monotonic()
@@ -35,6 +36,7 @@ def test_a_store_on_an_unreachable_endpoint_fails_within_seconds_naming_the_endp
     assert str(pickle.loads(pickle.dumps(err.value))) == message
 
 
+@pytest.mark.slow
 def test_the_endpoint_set_in_the_environment_is_the_one_named(closed_endpoint, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", closed_endpoint)
     store = CheckpointStore("s3://bucket/root", dict(CREDENTIALS))

@@ -168,6 +168,7 @@ def test_a_writer_whose_lease_was_taken_over_can_no_longer_commit(store):
 
 
 # ---- heartbeat -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_the_heartbeat_keeps_a_lease_alive_well_beyond_its_ttl(store):
     with Lease(store, "run", owner="long-run", ttl_s=1.0) as lease:
         first = Lease.current(store, "run").heartbeat_at
@@ -215,6 +216,7 @@ def check_one_winner_per_round(store: CheckpointStore, outcomes: list[tuple[int,
         assert (record.owner, record.fence) == winners[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("store_url", SHARED_BACKENDS, indirect=True)
 def test_processes_racing_for_a_free_lineage_never_both_win(store_url):
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters, like separate flow runs

@@ -96,6 +96,7 @@ def test_ckpt_show_verifies_the_checkpoint_it_shows_and_names_its_problems_and_t
     assert quick["verified"] is None and quick["problems"] == []
 
 
+@pytest.mark.slow
 def test_ckpt_commands_on_an_unreachable_s3_endpoint_fail_within_seconds_naming_it(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

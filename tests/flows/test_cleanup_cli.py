@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -20,6 +22,7 @@ def _commit(store: CheckpointStore, lineage: str, epoch: int) -> str:
     return store.commit(lineage, position, files, metrics={"loss": 1.0 / (epoch + 1)}).id
 
 
+@pytest.mark.slow
 def test_cleanup_without_a_prefect_server_prunes_directly_and_prints_each_decision_once(tmp_path):
     store = CheckpointStore(str(tmp_path / "store"))
     ids = [_commit(store, "run", epoch) for epoch in range(5)]

@@ -16,6 +16,7 @@ def _uvicorn_children() -> list[str]:
     return [line for line in out.stdout.splitlines() if "uvicorn" in line]
 
 
+@pytest.mark.slow
 def test_a_server_that_does_not_answer_in_time_fails_naming_the_setting_and_is_stopped(monkeypatch):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setenv(STARTUP_TIMEOUT_SETTING, "1")  # far below the ~11 s a start takes here

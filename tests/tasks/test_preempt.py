@@ -25,6 +25,7 @@ def _notice_after(store: Path, lineage: str, seconds: float) -> threading.Timer:
     return timer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_notice_mid_epoch_commits_that_step_and_the_rerun_repeats_no_step(tmp_path, mode):
     straight, _ = _train(tmp_path, "straight", checkpoint_mode=mode, **SLOW)
