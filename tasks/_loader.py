@@ -51,7 +51,7 @@ class BatonLoader(StatefulDataLoader):
         self.batches_done = int(state["batches_done"])
 
     # ---- the sample audit log (`sample_log`): which samples each rank trained on
-    def audit_from(self, epoch: int, batch: int) -> None:
+    def audit_from(self, batch: int) -> None:
         self._audited, self._order = batch, None
 
     def write_audit(self, folder: str, rank: int) -> None:

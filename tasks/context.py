@@ -350,7 +350,7 @@ class TrainContext:
             loader.set_epoch(epoch)
             if pending is not None and i < len(pending) and "loader" not in faults.omitted():
                 loader.load_state_dict(pending[i])
-            loader.audit_from(epoch, loader.batches_done if resume and pending else 0)
+            loader.audit_from(loader.batches_done if resume and pending else 0)
         self._restored = None
 
     def _mid_epoch_checkpoint_possible(self) -> bool:

@@ -57,7 +57,6 @@ class NoticeWatcher:
         self.store, self.lineage, self.fence = store, lineage, fence
         self._lease_every_s, self._lease_checked = lease_every_s, float("-inf")
         self.reason: str | None = None
-        self.noticed_at: float | None = None
         self._seen = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="baton-preempt-watch")
@@ -99,7 +98,7 @@ class NoticeWatcher:
         return None
 
     def _notice(self, reason: str) -> bool:
-        self.reason, self.noticed_at = reason, time.monotonic()
+        self.reason = reason
         self._seen.set()
         return True
 
