@@ -7,12 +7,13 @@ import json
 from datetime import datetime, timezone
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from .errors import ManifestUnreadable
 
 MANIFEST_NAME = "manifest.json"
-SCHEMA_VERSION = 2  # 2: chunked file hashes (FileEntry.chunk_size); 1 is still read
+SCHEMA_VERSION = 3  # 3: BLAKE3 file hashes; 2 (chunked sha256) and 1 (whole-file sha256) still read
+_HEX64 = r"^[0-9a-f]{64}$"
 
 
 def utcnow() -> datetime:
@@ -23,12 +24,36 @@ class FileEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     size: int = Field(ge=0, description="Size of the file in bytes.")
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$",
-                        description="Hex sha256 of the file or, with chunk_size, its chunked sha256.")
+    blake3: str | None = Field(default=None, pattern=_HEX64, description="Hex BLAKE3 of the file (schema 3).")
+    sha256: str | None = Field(default=None, pattern=_HEX64,
+                               description="Schemas 1-2: hex sha256 of the file or, with chunk_size, its chunked sha256.")
     chunk_size: int | None = Field(
         default=None, ge=2**16,
         description="Chunked sha256: `sha256` is the sha256 of the concatenated sha256 digests of "
                     "consecutive chunk_size-byte pieces (hashed in parallel). None: of the whole file.")
+
+    @model_validator(mode="after")
+    def _one_hash(self) -> "FileEntry":
+        if (self.blake3 is None) == (self.sha256 is None):
+            raise ValueError("a file entry has exactly one of blake3 and sha256")
+        if self.chunk_size is not None and self.sha256 is None:
+            raise ValueError("chunk_size goes with a chunked sha256 only")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_hashes(self, handler):
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+    @property
+    def kind(self) -> str:
+        """How `expected` was computed: "blake3", "chunked sha256" or "sha256"."""
+        if self.blake3 is not None:
+            return "blake3"
+        return "sha256" if self.chunk_size is None else "chunked sha256"
+
+    @property
+    def expected(self) -> str:
+        return self.blake3 or self.sha256  # type: ignore[return-value]
 
 
 class Position(BaseModel):
@@ -51,7 +76,7 @@ class Manifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    version: Literal[1, 2] = SCHEMA_VERSION
+    version: Literal[1, 2, 3] = SCHEMA_VERSION
     lineage: str
     id: str
     position: Position
@@ -61,8 +86,9 @@ class Manifest(BaseModel):
     parent: str | None = Field(default=None, description="Id of the checkpoint training resumed from.")
     versions: dict[str, str] = Field(default_factory=dict, description="Library versions.")
     files: dict[str, FileEntry]
-    digest: str = Field(description="Fingerprint of the model weights: the chunked sha256 of their canonical "
-                                    "safetensors file (names, dtypes, shapes, bytes); equal iff the weights are.")
+    digest: str = Field(description="Fingerprint of the model weights: the hash of their canonical safetensors "
+                                    "file (names, dtypes, shapes, bytes), BLAKE3 since schema 3 (chunked sha256 "
+                                    "in schema 2); equal iff the weights are.")
     fence: int = Field(default=0, ge=0, description="Lease fencing number of the writer.")
 
     @property

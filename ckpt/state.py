@@ -5,6 +5,7 @@ Nothing here unpickles: loading a checkpoint runs no code (DESIGN invariant 6).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -68,20 +69,30 @@ def restore_rng(state: RankRNG) -> None:
 
 
 def model_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """Fingerprint of model weights, equal iff names, dtypes, shapes and bytes are: the chunked
-    sha256 of their safetensors file, so a committed checkpoint's digest costs no extra pass."""
-    return serialize(tensors).sha256()
+    """Fingerprint of model weights, equal iff names, dtypes, shapes and bytes are: the BLAKE3 of
+    their safetensors file, so a committed checkpoint's digest costs no extra pass."""
+    return serialize(tensors).hash()
 
 
 class EncodedState(dict):
     """{file name: Blob}, ready for `CheckpointStore.commit`; the Blobs share the state's memory.
 
-    `digest` is the model digest: the model file's chunked sha256, which `commit` computes while
-    writing the file (reading it here first hashes it)."""
+    `digest` is the model digest: the model file's BLAKE3, which `commit` computes while writing
+    the file (reading it here first hashes it)."""
 
     @property
     def digest(self) -> str:
-        return self[MODEL_FILE].sha256()
+        return self[MODEL_FILE].hash()
+
+    def same_weights_as(self, manifest) -> bool:
+        """Whether these are the weights of `manifest`, a checkpoint of an older schema whose digest
+        is not a BLAKE3: compare the model file the way its manifest hashed it."""
+        entry, blob = manifest.files.get(MODEL_FILE), self[MODEL_FILE]
+        if entry is None or entry.size != blob.size:
+            return False
+        if entry.kind == "blake3":
+            return entry.blake3 == blob.hash()
+        return entry.sha256 == (blob.sha256(entry.chunk_size) if entry.chunk_size else hashlib.sha256(bytes(blob)).hexdigest())
 
     @staticmethod
     def load_problems(read: Callable[[str], Any]) -> list[str]:

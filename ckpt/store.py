@@ -240,7 +240,7 @@ class CheckpointStore:
             problems = self.verify(existing) or self._load_problems(existing, files)
             if not problems:
                 # The files of a whole committed checkpoint are never overwritten.
-                if existing.digest == (digest or files.digest):  # type: ignore[attr-defined]
+                if _same_weights(existing, files, digest):
                     return existing
                 raise CheckpointExists(f"{lineage}/{ckpt_id} is already committed with other weights")
             self._uncommit_damaged(existing, problems, before_commit, set(files))
@@ -300,13 +300,13 @@ class CheckpointStore:
         path = self.path(manifest.lineage, manifest.id, name)
         try:
             if verify:
-                data, sha256 = _io.read_hashed(self.fs, path, entry.chunk_size)
+                data, actual = _io.read_hashed(self.fs, path, entry)
             else:
-                data, sha256 = memoryview(bytearray(_io.read_bytes(self.fs, path))), None
+                data, actual = memoryview(bytearray(_io.read_bytes(self.fs, path))), None
         except FileNotFoundError as err:
             raise CheckpointCorrupted(manifest.lineage, manifest.id, [f"{name}: missing"]) from err
         if verify:
-            problem = _check(name, entry, len(data), sha256)
+            problem = _check(name, entry, len(data), actual)
             if problem:
                 raise CheckpointCorrupted(manifest.lineage, manifest.id, [problem])
         return data
@@ -316,12 +316,11 @@ class CheckpointStore:
         problems = []
         for name, entry in manifest.files.items():
             try:
-                size, sha256 = _io.hash_file(self.fs, self.path(manifest.lineage, manifest.id, name),
-                                             entry.chunk_size)
+                size, actual = _io.hash_file(self.fs, self.path(manifest.lineage, manifest.id, name), entry)
             except FileNotFoundError:
                 problems.append(f"{name}: missing (expected {entry.size} bytes)")
                 continue
-            problem = _check(name, entry, size, sha256)
+            problem = _check(name, entry, size, actual)
             if problem:
                 problems.append(problem)
         return problems
@@ -463,10 +462,19 @@ def _looks_like_id(value: str) -> bool:
     return True
 
 
+def _same_weights(existing: Manifest, files: Any, digest: str | None) -> bool:
+    """Whether `files` (or `digest`) hold the weights of an already committed checkpoint, also one
+    written before BLAKE3 (its digest is a chunked sha256: `files` can say how they hash that way)."""
+    if digest is not None:
+        return existing.digest == digest
+    if existing.version >= 3:
+        return existing.digest == files.digest
+    return files.same_weights_as(existing)
+
+
 def _check(name: str, entry: FileEntry, size: int, actual: str | None) -> str | None:
     if size != entry.size:
         return f"{name}: size {size} bytes, expected {entry.size}"
-    if actual != entry.sha256:
-        kind = "sha256" if entry.chunk_size is None else "chunked sha256"
-        return f"{name}: {kind} {actual[:12]}..., expected {entry.sha256[:12]}..."  # type: ignore[index]
+    if actual != entry.expected:
+        return f"{name}: {entry.kind} {actual[:12]}..., expected {entry.expected[:12]}..."  # type: ignore[index]
     return None

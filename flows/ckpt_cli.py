@@ -169,7 +169,7 @@ def show(store: str = typer.Argument(..., help="Checkpoint store: folder or fssp
 @_guard
 def verify(store: str = typer.Argument(..., help="Checkpoint store: folder or fsspec URL."),
            lineage: Optional[str] = typer.Option(None, help="Only this lineage (default: all).")) -> None:
-    """Check sizes and sha256 of every committed file; exit 1 listing every failure."""
+    """Check the size and hash of every committed file; exit 1 listing every failure."""
     st = _store(store)
     problems, count = [], 0
     for name in _lineages(st, lineage):

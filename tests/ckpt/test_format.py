@@ -1,4 +1,5 @@
-"""Baton's zero-copy safetensors writer/reader and the chunked sha256 of checkpoint files."""
+"""Baton's zero-copy safetensors writer/reader and the hashes of checkpoint files (BLAKE3; the
+chunked and whole-file sha256 of older manifests still verify)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,17 @@ import hashlib
 import json
 import struct
 
+import blake3
 import pytest
 import safetensors.torch
 import torch
 
-from ckpt import CheckpointStore, Position, TrainingState, decode, encode
+from ckpt import CheckpointExists, CheckpointStore, Position, TrainingState, decode, encode
 from ckpt import _io
 from ckpt._blob import Blob, chunked_sha256
 from ckpt._safetensors import deserialize, serialize
 from ckpt.manifest import MANIFEST_NAME, FileEntry
+from ckpt.state import MODEL_FILE
 from ckpt.store import _encode_manifest
 
 
@@ -103,16 +106,36 @@ def test_the_chunked_sha256_is_the_sha256_of_the_chunks_sha256s():
 
 
 @pytest.mark.parametrize("size", [0, 1, 8 * 2**20, 8 * 2**20 + 1, 20 * 2**20 + 3])
-def test_writing_reading_and_verifying_agree_on_the_chunked_sha256(tmp_path, size):
+def test_writing_reading_and_verifying_agree_on_the_blake3_of_the_file(tmp_path, size):
     data = torch.randint(0, 256, (size,), dtype=torch.uint8).numpy().tobytes()
     blob = Blob([data[: size // 3], data[size // 3 :]])
     fs, root, _ = _io.open_filesystem(str(tmp_path))
     entry = _io.write_file(fs, f"{root}/f", blob)
-    assert entry.size == size and entry.chunk_size == _io.CHUNK
-    assert entry.sha256 == chunked_sha256(data) == blob.sha256()
-    read, digest = _io.read_hashed(fs, f"{root}/f", entry.chunk_size)
+    assert entry.size == size and entry.kind == "blake3" and entry.sha256 is None and entry.chunk_size is None
+    assert entry.blake3 == blake3.blake3(data).hexdigest() == blob.hash()
+    read, digest = _io.read_hashed(fs, f"{root}/f", entry)
+    assert read == data and digest == entry.blake3
+    assert _io.hash_file(fs, f"{root}/f", entry) == (size, entry.blake3)
+    assert "sha256" not in entry.model_dump() and "chunk_size" not in entry.model_dump()
+
+
+@pytest.mark.parametrize("size", [0, 8 * 2**20 + 1])
+def test_a_schema_2_file_with_a_chunked_sha256_still_reads_and_verifies(tmp_path, size):
+    data = torch.randint(0, 256, (size,), dtype=torch.uint8).numpy().tobytes()
+    fs, root, _ = _io.open_filesystem(str(tmp_path))
+    _io.write_file(fs, f"{root}/f", data)
+    entry = FileEntry(size=size, sha256=chunked_sha256(data), chunk_size=_io.CHUNK)
+    assert entry.kind == "chunked sha256"
+    read, digest = _io.read_hashed(fs, f"{root}/f", entry)
     assert read == data and digest == entry.sha256
-    assert _io.hash_file(fs, f"{root}/f", entry.chunk_size) == (size, entry.sha256)
+    assert _io.hash_file(fs, f"{root}/f", entry) == (size, entry.sha256)
+
+
+@pytest.mark.parametrize("fields", [{}, {"blake3": "a" * 64, "sha256": "b" * 64},
+                                    {"blake3": "a" * 64, "chunk_size": 2**20}])
+def test_a_file_entry_has_exactly_one_hash(fields):
+    with pytest.raises(ValueError, match="exactly one of blake3 and sha256|chunk_size goes with"):
+        FileEntry(size=1, **fields)
 
 
 def test_a_checkpoint_of_manifest_schema_1_whole_file_sha256_still_verifies_and_loads(tmp_path):
@@ -138,12 +161,36 @@ def test_a_checkpoint_of_manifest_schema_1_whole_file_sha256_still_verifies_and_
     assert store.verify(again) and "sha256" in store.verify(again)[0]
 
 
+def test_a_schema_2_checkpoint_verifies_loads_and_a_recommit_of_its_weights_keeps_it(tmp_path):
+    """Upgrading Baton mid-lineage: a checkpoint written with chunked sha256 (schema 2) still
+    verifies and loads, and committing the same weights at its id again (a retried block) keeps it
+    instead of calling them other weights."""
+    store = CheckpointStore(str(tmp_path))
+    position = Position(epoch=0, batch_in_epoch=0, epoch_complete=True, step=3)
+    model = torch.nn.Linear(4, 2).state_dict()
+    files = encode(TrainingState(model=model, position=position))
+    manifest = store.commit("run", position, files)
+    folder = store.path("run", manifest.id)
+    entries = {name: FileEntry(size=e.size, sha256=chunked_sha256(store.fs.cat_file(f"{folder}/{name}")),
+                               chunk_size=_io.CHUNK) for name, e in manifest.files.items()}
+    old = manifest.model_copy(update={"version": 2, "files": entries, "digest": files[MODEL_FILE].sha256()})
+    _io.write_atomic(store.fs, f"{folder}/{MANIFEST_NAME}", _encode_manifest(old))
+    again = store.manifest("run", manifest.id)
+    assert again.version == 2 and store.verify(again) == []
+    assert same(decode({name: store.read(again, name) for name in again.files}).model, model)
+    kept = store.commit("run", position, encode(TrainingState(model=model, position=position)))
+    assert kept == again  # not rewritten, not refused
+    other = {k: v + 1 for k, v in model.items()}
+    with pytest.raises(CheckpointExists):
+        store.commit("run", position, encode(TrainingState(model=other, position=position)))
+
+
 def test_a_blob_changed_after_it_was_hashed_is_hashed_again_when_written(tmp_path):
     tensor = torch.zeros(1000)
     blob = serialize({"w": tensor})
-    before = blob.sha256()
+    before = blob.hash()
     tensor.add_(1.0)  # a Blob is a view: training changed the bytes since
     fs, root, _ = _io.open_filesystem(str(tmp_path))
     entry = _io.write_file(fs, f"{root}/f", blob)
-    assert entry.sha256 != before
-    assert _io.hash_file(fs, f"{root}/f") == (entry.size, entry.sha256)
+    assert entry.blake3 != before
+    assert _io.hash_file(fs, f"{root}/f", entry) == (entry.size, entry.blake3)

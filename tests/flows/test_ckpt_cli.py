@@ -63,7 +63,7 @@ def test_ckpt_ls_marks_a_truncated_file_without_hashing_and_a_flipped_byte_with_
 
     hashed = {it["id"]: it for it in json.loads(baton("ckpt", "ls", store.url, "--json", "--verify").stdout)}
     assert [hashed[i]["files"] for i in (first, middle, last)] == ["verified", "DAMAGED", "DAMAGED"]
-    assert "sha256" in hashed[middle]["problems"][0] and MODEL_FILE in hashed[middle]["problems"][0]
+    assert "blake3" in hashed[middle]["problems"][0] and MODEL_FILE in hashed[middle]["problems"][0]
     table = baton("ckpt", "ls", store.url, "--verify")
     assert f"damaged: run/{middle}: {MODEL_FILE}" in table.stderr.replace("\n", " ")
     assert table.stdout.count("DAMAGED") == 2 and table.stdout.count("verified") == 1
@@ -87,7 +87,7 @@ def test_ckpt_show_verifies_the_checkpoint_it_shows_and_names_its_problems_and_t
     shown = json.loads(out.stdout)
     assert shown["id"] == last and shown["verified"] is False and MODEL_FILE in shown["problems"][0]
     err = out.stderr.replace("\n", " ")
-    assert f"damaged: {MODEL_FILE}: chunked sha256" in err or f"damaged: {MODEL_FILE}: sha256" in err
+    assert f"damaged: {MODEL_FILE}: blake3" in err
     assert f"(where training resumes): {middle}" in err
 
     whole = baton("ckpt", "show", store.url, "run", first)
