@@ -250,6 +250,11 @@ def _run_flow(flow_fn, err: Optional[Console] = None, **params):
             if not state.is_completed():
                 from .artifacts import error_text
 
+                if state.is_cancelled():
+                    # Cancelled from the Prefect UI or API: the message says where it stopped.
+                    err.print(f"{flow_fn.name} cancelled: {state.message or state.name}", style="yellow",
+                              markup=False, soft_wrap=True)
+                    raise typer.Exit(1)
                 try:
                     state.result()
                     told = state.message or state.name

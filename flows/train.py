@@ -14,7 +14,7 @@ from prefect_ray.context import remote_options
 
 from ckpt import CheckpointStore, Lease
 from tasks import train_block
-from tasks.preempt import on_signals
+from tasks.preempt import MARKER, Preempted, clean_message, on_signals
 from tasks.block import RAY_TRAIN_ENV
 
 from .artifacts import TrainProgress, publish_failure, publish_run
@@ -142,11 +142,14 @@ def run_training(config: TrainConfig, tags: Iterable[str] = ()) -> TrainSummary:
     blocks_trained, ref = 0, store.ref(before) if before else None
     block = train_block.with_options(retries=config.block_retries, retry_delay_seconds=1)
     progress = TrainProgress(lineage, config.epochs, epochs_before)
+    stop = None
     try:
         with Lease(store, lineage, owner=_owner(run_name), ttl_s=config.lease_ttl_s) as lease, \
-                on_signals(store, lineage, lease.fence):
+                on_signals(store, lineage, lease.fence, flow_run.get_id()) as stop:
             for spec in config.blocks(fence=lease.fence):
                 done = ref.epochs_done if ref else 0
+                if stop.reason is not None and (ref is None or ref.epochs_done < spec.end_epoch):
+                    raise _stopped_between_blocks(store, lineage)
                 # The orchestrating task takes no CPU: the block's Ray Train workers need them all.
                 with remote_options(num_cpus=0, **own_cluster_options()):
                     ref = progress.follow(block.submit(spec), store)
@@ -158,6 +161,13 @@ def run_training(config: TrainConfig, tags: Iterable[str] = ()) -> TrainSummary:
         progress.update_from(store)
         publish_failure(store, lineage, config.epochs, err)
         time.sleep(2 * WORKER_LOG_BATCH_S)  # the failed block's last lines, to the UI
+        message = clean_message(err)
+        if stop is not None and stop.cancelled and message is not None:
+            # Cancelled, not Failed: what a person who pressed Cancel expects to read.
+            from prefect.states import Cancelled
+
+            logger.warning("cancelled: %s", message)
+            return Cancelled(message=message)
         raise
     summary = TrainSummary(lineage=lineage, store=store.url, epochs=config.epochs,
                            epochs_trained=max(0, (ref.epochs_done if ref else 0) - epochs_before),
@@ -166,6 +176,15 @@ def run_training(config: TrainConfig, tags: Iterable[str] = ()) -> TrainSummary:
     publish_run(store, summary)
     time.sleep(2 * WORKER_LOG_BATCH_S)  # the last block's "done" and "Completed" lines, to the UI
     return summary
+
+
+def _stopped_between_blocks(store: CheckpointStore, lineage: str) -> Preempted:
+    """A notice that came after a block ended: the next block does not start."""
+    latest = store.latest(lineage)
+    if latest is None:
+        return Preempted(f"{MARKER} 0 step 0, before the first checkpoint; a rerun or Retry starts over")
+    return Preempted(f"{MARKER} {latest.epoch} step {latest.step} (between blocks); checkpoint {latest.id} "
+                     "committed; a rerun or Retry resumes there")
 
 
 def _log_summary(logger, summary: TrainSummary) -> None:

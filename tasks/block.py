@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from ckpt import CheckpointRef, CheckpointStore, Manifest, RetentionPolicy, prune
 
-from .preempt import Preempted, clean_message, notice_path
+from .preempt import DRAIN, Preempted, clean_message, read_notice, withdraw_notice
 from .context import newest_good
 from .spec import BlockSpec
 from .worker import worker_loop
@@ -166,13 +166,16 @@ def _describe(missing: dict[str, tuple[float, float]]) -> str:
 
 def _preemption(spec: BlockSpec, store: CheckpointStore) -> Preempted | None:
     """The workers stopped on a preemption notice (and committed where they stopped)."""
-    if not store.fs.exists(notice_path(store, spec.lineage, spec.fence)):
+    notice = read_notice(store, spec.lineage, spec.fence)
+    if notice is None:
         return None
+    reason = str(notice.get("reason", ""))
+    why = f" ({reason})" if reason.startswith(DRAIN) else ""
     latest = store.latest(spec.lineage)
     if latest is None:
-        return Preempted("preempted at epoch 0 step 0, before the first checkpoint; a rerun or Retry starts over")
+        return Preempted(f"preempted at epoch 0 step 0, before the first checkpoint; a rerun or Retry starts over{why}")
     return Preempted(f"preempted at epoch {latest.epoch} step {latest.step}; checkpoint {latest.id} committed; "
-                     "a rerun or Retry resumes there")
+                     f"a rerun or Retry resumes there{why}")
 
 
 def _reached(spec: BlockSpec, store: CheckpointStore) -> CheckpointRef:
@@ -258,11 +261,13 @@ def run_block(spec: BlockSpec, logger) -> tuple[CheckpointRef, bool]:
 
 def _not_preempted(task, task_run, state) -> bool:
     """Prefect's retry condition: a preempted block is not retried (its machine is going away; a
-    rerun or a Retry of the flow run resumes at the checkpoint it committed)."""
+    rerun or a Retry of the flow run resumes at the checkpoint it committed). A block stopped by a
+    Ray node drain is: only that node goes away, and Ray places the retry on the others."""
     try:
         state.result()
     except Exception as err:
-        return clean_message(err) is None
+        message = clean_message(err)
+        return message is None or DRAIN in message
     return True
 
 
@@ -278,6 +283,9 @@ def train_block(spec: BlockSpec) -> CheckpointRef:
         if message is None:
             raise
         get_run_logger().warning("%s", message)
+        if DRAIN in message:
+            # The retry (on the nodes that stay) must not read the drain's notice as its own.
+            withdraw_notice(CheckpointStore(spec.settings.store, spec.settings.storage_options), spec.lineage, spec.fence)
         raise Preempted(message) from None  # the one line a person needs, not Ray's wrapping
     if trained:
         get_run_logger().info("block %d done in %.1f s: %s", spec.index, time.monotonic() - started, ref.uri)

@@ -77,6 +77,7 @@ class TrainContext:
         self.ready_s: float | None = None
         self._created = time.perf_counter()
         self._notice = None  # rank 0's preemption watcher, from the first epoch on
+        self._drain = None  # every rank under Ray: is its own node draining?
         self._stop_after_epoch = False
         self._last_step_at: float | None = None
         self._step_s = 0.0
@@ -148,6 +149,8 @@ class TrainContext:
             self._notice = NoticeWatcher(self.store, self.spec.lineage, self.spec.fence)
             self.ready_s = time.perf_counter() - self._created
             log.info("block %d ready to train in %.2f s", self.spec.index, self.ready_s)
+        if self._ray_train and self._drain is None:
+            self._drain = _drain_watch(self)
         while True:
             epoch, start_batch = _start_point(self._position)
             resume = start_batch > 0
@@ -222,6 +225,14 @@ class TrainContext:
             log.warning("%s (%s). Stopping took %.2f s after the step (a step takes %.2f s, the save %.2f s): a "
                         "notice shorter than a step plus a save falls back to the last committed checkpoint",
                         message, reason, saved_s + self._step_s, self._step_s, saved_s)
+        drain = self._drain if self._drain and self._drain.requested else None
+        if drain is not None:
+            message += f" ({drain.reason})"
+            if drain.deadline is not None and drain.deadline - drain.seen_at < self._step_s + saved_s:
+                log.warning("the drain of this rank's node gave %.1f s of notice, less than a step plus a save "
+                            "(%.2f s + %.2f s): had the node gone at its deadline, the run would have resumed at the "
+                            "last committed checkpoint; a smaller checkpoint_every_steps loses less then",
+                            drain.deadline - drain.seen_at, self._step_s, saved_s)
         raise Preempted(message)
 
     def _drain_vote(self) -> None:
@@ -269,7 +280,8 @@ class TrainContext:
             self._checkpoint(report=False)
         # Preemption: every rank learns of a notice through one collective that runs during the
         # next step (no stall per step); all ranks read its answer at the same step and stop there.
-        agreed, self._notice_vote = self._notice_vote, self._dist.start_any(bool(self._notice and self._notice.requested))
+        noticed = bool(self._notice and self._notice.requested) or bool(self._drain and self._drain.requested)
+        agreed, self._notice_vote = self._notice_vote, self._dist.start_any(noticed)
         if agreed is not None and self._dist.finish_any(agreed):
             self._drain_vote()
             self._stop_at_step()
@@ -315,13 +327,16 @@ class TrainContext:
             raise LoopError(f"the training loop returned before ctx.epochs() reached epoch {self.spec.end_epoch}: "
                             "iterate `for epoch in ctx.epochs():` to its end")
         self._settle()
-        if self._notice is not None:
-            self._notice.close()
+        self._close_watchers()
+
+    def _close_watchers(self) -> None:
+        for watcher in (self._notice, self._drain):
+            if watcher is not None:
+                watcher.close()
 
     def abandon(self) -> None:
         """Training failed: let a save in flight finish (its snapshot is consistent), no collectives."""
-        if self._notice is not None:
-            self._notice.close()
+        self._close_watchers()
         if self._committer:
             self._committer.abandon()
 
@@ -504,6 +519,17 @@ def _start_point(position: Position) -> tuple[int, int]:
     if position.epoch_complete:
         return position.epoch + 1, 0
     return position.epoch, position.batch_in_epoch
+
+
+def _drain_watch(ctx: TrainContext):
+    """A DrainWatch of this rank's node; None (logged) where Ray cannot say (no drain is then seen)."""
+    from .preempt import DrainWatch
+
+    try:
+        return DrainWatch(ctx.store, ctx.spec.lineage, ctx.spec.fence, ctx.rank)
+    except Exception as err:
+        log.warning("rank %d cannot watch its Ray node for a drain (%s): a drain stops nothing early", ctx.rank, err)
+        return None
 
 
 def seed_rank(seed: int, rank: int, step: int) -> None:

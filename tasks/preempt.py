@@ -7,6 +7,10 @@ already reads. Rank 0 of the workers polls it on a thread; at each `ctx.step` al
 through one collective, rank 0 commits a fenced checkpoint of that exact step, and the block ends
 with `Preempted`, whose message says where a rerun or Retry resumes. The fence in the name keeps a
 notice to one run from stopping the next.
+
+Three more sources of notice feed the same file: a cancellation of the flow run from the Prefect
+UI or API (`on_signals` watches the run's state; a served run also gets the runner's SIGTERM), and a
+Ray node drain (`DrainWatch`: every rank reads whether its own node is draining).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ckpt import CheckpointStore, Lease
 
 log = logging.getLogger("baton.preempt")
 MARKER = "preempted at epoch"  # in every Preempted message; block retries are skipped on it
+DRAIN = "Ray node drain"  # in the notice (and Preempted message) of a drain: the block is retried elsewhere
 
 
 class Preempted(Exception):
@@ -115,34 +120,187 @@ def clean_message(error: BaseException) -> str | None:
     return text[at:].splitlines()[0].strip()
 
 
+class DrainWatch:
+    """Every rank under Ray: is this rank's own node being drained (`ray drain-node`, an autoscaler's
+    spot or preemption drain)? Polled once a second on a daemon thread, so the step reads a flag.
+
+    Ray 2.60 tells a worker of a drain in two ways: `ray.train.get_preemption_info()`, a barrier of
+    all ranks fed by Ray Train's PreemptionWatcher, which polls every 5 s; and the GCS's table of
+    draining nodes (`ray._private.state.state.get_draining_nodes()`, node id -> deadline in ms), which
+    that watcher and Ray Data read. Baton reads the table itself: no barrier, and a drain is known
+    within a second. The first rank to see it writes the notice, so the block task knows why the
+    workers stopped (and retries the block on the remaining nodes)."""
+
+    def __init__(self, store: CheckpointStore, lineage: str, fence: int, rank: int, interval_s: float = 1.0):
+        import ray
+
+        self.store, self.lineage, self.fence, self.rank = store, lineage, fence, rank
+        self.node = ray.get_runtime_context().get_node_id()
+        self.interval_s = interval_s
+        self.reason: str | None = None
+        self.deadline: float | None = None  # time.time() of the drain's deadline, if it has one
+        self.seen_at = 0.0
+        self._seen = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="baton-drain-watch")
+        self._thread.start()
+
+    @property
+    def requested(self) -> bool:
+        return self._seen.is_set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s) and not self._poll():
+            pass
+
+    def _poll(self) -> bool:
+        try:
+            import ray._private.state
+
+            draining = ray._private.state.state.get_draining_nodes() or {}
+        except Exception as err:  # a GCS hiccup must not kill training; the next poll retries
+            log.debug("drain watcher: %s", err)
+            return False
+        if self.node not in draining:
+            return False
+        deadline_ms = draining[self.node]
+        self.seen_at = time.time()
+        self.deadline = deadline_ms / 1000 if deadline_ms else None
+        left = f"deadline in {self.deadline - time.time():.0f} s" if self.deadline else "no deadline"
+        self.reason = f"{DRAIN}: node {self.node[:12]} of rank {self.rank} is draining ({left})"
+        log.warning("%s: committing the step the workers are at, then stopping", self.reason)
+        try:
+            if not store_has_notice(self.store, self.lineage, self.fence):
+                give_notice(self.store, self.lineage, self.fence, self.reason)
+        except Exception as err:  # the vote still stops the workers; the block then says less
+            log.warning("could not write the drain notice to the store: %s", err)
+        self._seen.set()
+        return True
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def store_has_notice(store: CheckpointStore, lineage: str, fence: int) -> bool:
+    path = notice_path(store, lineage, fence)
+    store.fs.invalidate_cache(path.rsplit("/", 1)[0])
+    return store.fs.exists(path)
+
+
+def read_notice(store: CheckpointStore, lineage: str, fence: int) -> dict | None:
+    """The notice given to the run holding lease `fence`, or None."""
+    path = notice_path(store, lineage, fence)
+    try:
+        store.fs.invalidate_cache(path.rsplit("/", 1)[0])  # s3fs would answer from a stale listing
+        return json.loads(store.fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+
+
+def _prefect_cancels() -> bool:
+    """A served flow run (Prefect's Runner: `baton serve`, a worker) is cancelled by SIGTERM, sent
+    right after the runner's "cancel" intent is acknowledged on its control channel (Prefect 3.9:
+    prefect.runner._cancellation_manager); the intent tells that SIGTERM from any other."""
+    try:
+        from prefect._internal.control_listener import get_intent
+
+        return get_intent() == "cancel"
+    except Exception:  # another Prefect version: the state watch below still sees the cancel
+        return False
+
+
+class StopRequest:
+    """Why this flow run was asked to stop, if it was: what the flow reports at the end."""
+
+    def __init__(self):
+        self.reason: str | None = None
+        self.cancelled = False  # from the Prefect UI or API: the run ends Cancelled, not Failed
+        self.at: float | None = None  # time.perf_counter() of the first notice
+
+    def note(self, reason: str, cancelled: bool = False) -> bool:
+        """True the first time: the caller gives the notice."""
+        self.cancelled = self.cancelled or cancelled
+        if self.reason is not None:
+            return False
+        self.reason, self.at = reason, time.perf_counter()
+        return True
+
+
+class _CancelWatch:
+    """Flow process: reads the flow run's state every `interval_s`; Cancelling (the UI's Cancel
+    button sets it through `POST /flow_runs/{id}/set_state`) becomes a notice. Prefect 3.9 itself
+    only acts on a cancel through a runner (which kills the process); a flow run started in a
+    terminal (`baton train`) has none, so nothing else would stop it."""
+
+    def __init__(self, flow_run_id: str, on_cancel, interval_s: float = 1.0):
+        self.flow_run_id, self.on_cancel, self.interval_s = flow_run_id, on_cancel, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="baton-cancel-watch")
+
+    def _loop(self) -> None:
+        from prefect.client.orchestration import get_client
+
+        try:
+            with get_client(sync_client=True) as client:
+                while not self._stop.wait(self.interval_s):
+                    try:
+                        state = client.read_flow_run(self.flow_run_id).state
+                    except Exception as err:  # the server may be busy: the next read retries
+                        log.debug("cancel watch: %s", err)
+                        continue
+                    if state is not None and (state.is_cancelling() or state.is_cancelled()):
+                        self.on_cancel()
+                        return
+        except Exception as err:  # no client: cancellation then only works through a runner's SIGTERM
+            log.warning("cannot watch flow run %s for a cancel from the UI: %s", self.flow_run_id, err)
+
+    def __enter__(self) -> "_CancelWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+
 @contextlib.contextmanager
-def on_signals(store: CheckpointStore, lineage: str, fence: int):
+def on_signals(store: CheckpointStore, lineage: str, fence: int, flow_run_id: str | None = None):
     """While training: the first SIGTERM or SIGINT gives the workers notice (they checkpoint the
     step they are at and stop); a second one exits at once (the commit protocol keeps the store
-    whole). Only in the main thread, where Python delivers signals."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
+    whole). Signals only in the main thread, where Python delivers them. With `flow_run_id`, a
+    cancel of that flow run from the Prefect UI or API gives notice too. Yields the StopRequest."""
+    request = StopRequest()
+
+    def notify(reason: str, cancelled: bool, signum: int | None = None) -> None:
+        if not request.note(reason, cancelled):
+            return
+        log.warning("%s: the workers checkpoint the step they are at and stop%s", reason,
+                    " (a second signal exits at once)" if signum is not None else "")
+        try:
+            give_notice(store, lineage, fence, reason)
+        except Exception as err:  # no notice possible: fall back to the last committed checkpoint
+            log.error("could not give the workers notice (%s); exiting", err)
+            os._exit(128 + (signum or signal.SIGTERM))
 
     def handler(signum, frame) -> None:
         if received:
             log.warning("second signal: exiting now; the last committed checkpoint stands")
             os._exit(128 + signum)
         received.append(signum)
+        cancelled = _prefect_cancels()
         name = signal.Signals(signum).name
-        log.warning("%s: the workers checkpoint the step they are at and stop (a second signal exits at once)", name)
-        try:
-            give_notice(store, lineage, fence, name)
-        except Exception as err:  # no notice possible: fall back to the last committed checkpoint
-            log.error("could not give the workers notice (%s); exiting", err)
-            os._exit(128 + signum)
+        notify(f"{name} (the flow run was cancelled)" if cancelled else name, cancelled, signum)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    received: list[int] = []
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    watch = _CancelWatch(flow_run_id, lambda: notify("cancelled from the Prefect UI or API", True)) \
+        if flow_run_id else contextlib.nullcontext()
     try:
-        yield
+        with watch:
+            yield request
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-        if received:
+        if request.reason is not None:
             withdraw_notice(store, lineage, fence)
