@@ -12,7 +12,8 @@ from dataclasses import asdict
 
 from ._common import MiB, Result
 
-SUITE = ("save_vs_disk", "async_stall_vs_sync", "resume_vs_fresh", "cleanup_10k_s", "cleanup_dry_run_1k_s", "flow_vs_plain", "loop_vs_plain", "blocks_vs_one_fit")
+SUITE = ("save_vs_disk", "async_stall_vs_sync", "resume_vs_fresh", "cleanup_10k_s", "cleanup_dry_run_1k_s", "flow_vs_plain", "loop_vs_plain", "blocks_vs_one_fit",
+         "notice_to_commit_s")
 
 
 def _machine() -> dict[str, str]:
@@ -28,7 +29,7 @@ def _machine() -> dict[str, str]:
 
 
 def run(names: list[str], quick: bool, where: str | None) -> list[Result]:
-    from . import cleanup, flow, loop, resume, storage, warm
+    from . import cleanup, flow, loop, preempt, resume, storage, warm
 
     results: list[Result] = []
     for name in names:
@@ -50,6 +51,8 @@ def run(names: list[str], quick: bool, where: str | None) -> list[Result]:
             results.append(cleanup.cleanup(where=where))
         elif name == "cleanup_dry_run_1k_s":
             results.append(cleanup.cleanup_dry_run_cli(where=where))
+        elif name == "notice_to_commit_s":
+            results.append(preempt.notice_to_commit(reps=3 if quick else 7))
         else:
             raise SystemExit(f"unknown benchmark {name!r}; choose from {', '.join(SUITE)}")
         print(f"    {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)

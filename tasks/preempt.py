@@ -16,10 +16,12 @@ Ray node drain (`DrainWatch`: every rank reads whether its own node is draining)
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -53,11 +55,13 @@ def withdraw_notice(store: CheckpointStore, lineage: str, fence: int) -> None:
 
 
 class NoticeWatcher:
-    """Rank 0: polls for a notice every `interval_s` on a daemon thread (one small read on a local
-    store, one HEAD on S3), so the training step only reads a flag."""
+    """Rank 0: polls for a notice every `interval_s` on a daemon thread (a stat every 0.1 s on a
+    local store, a HEAD every 0.25 s on S3), so the training step only reads a flag."""
 
-    def __init__(self, store: CheckpointStore, lineage: str, fence: int, interval_s: float = 0.25,
+    def __init__(self, store: CheckpointStore, lineage: str, fence: int, interval_s: float | None = None,
                  lease_every_s: float = 1.0):
+        if interval_s is None:
+            interval_s = 0.1 if store.is_local else 0.25
         self.path, self.fs, self.interval_s = notice_path(store, lineage, fence), store.fs, interval_s
         self.store, self.lineage, self.fence = store, lineage, fence
         self._lease_every_s, self._lease_checked = lease_every_s, float("-inf")
@@ -201,10 +205,11 @@ def _prefect_cancels() -> bool:
     """A served flow run (Prefect's Runner: `baton serve`, a worker) is cancelled by SIGTERM, sent
     right after the runner's "cancel" intent is acknowledged on its control channel (Prefect 3.9:
     prefect.runner._cancellation_manager); the intent tells that SIGTERM from any other."""
+    # Only where Prefect already runs: its control listener is imported when a flow run starts, and
+    # importing Prefect inside a signal handler would delay the notice by a second.
+    listener = sys.modules.get("prefect._internal.control_listener")
     try:
-        from prefect._internal.control_listener import get_intent
-
-        return get_intent() == "cancel"
+        return listener is not None and listener.get_intent() == "cancel"
     except Exception:  # another Prefect version: the state watch below still sees the cancel
         return False
 
@@ -235,7 +240,12 @@ class _CancelWatch:
     def __init__(self, flow_run_id: str, on_cancel, interval_s: float = 1.0):
         self.flow_run_id, self.on_cancel, self.interval_s = flow_run_id, on_cancel, interval_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="baton-cancel-watch")
+        # In this thread's context: a new thread starts with none, and Prefect's settings (the API URL
+        # `baton train` points at its temporary server) live in a context variable; without them
+        # get_client starts yet another temporary server.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(target=context.run, args=(self._loop,), daemon=True,
+                                        name="baton-cancel-watch")
 
     def _loop(self) -> None:
         from prefect.client.orchestration import get_client

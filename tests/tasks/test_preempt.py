@@ -90,3 +90,60 @@ def test_workers_whose_flow_process_died_commit_the_step_they_are_at_and_stop(tm
     with pytest.raises(Preempted, match="preempted at epoch 0 step 2 "):
         run_local(config.blocks(fence=fence)[0])
     assert CheckpointStore(str(tmp_path)).latest("orphan").step == 2
+
+
+SAVING = """
+import sys
+from ckpt import CheckpointStore
+from flows.config import TrainConfig
+from tasks.preempt import on_signals
+from tasks.worker import run_local
+
+store, lineage = sys.argv[1], sys.argv[2]
+config = TrainConfig(store=store, lineage=lineage, loop="bench.preempt:loop", epochs=1, workers=1,
+                     checkpoint_every_steps=4, options={"width": 3072, "batch": 8, "batches": 200})
+with on_signals(CheckpointStore(store), lineage, 0):
+    run_local(config.blocks()[0])
+"""
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_during_the_save_exits_at_once_and_leaves_the_store_whole(tmp_path):
+    """A loop with ~380 MB of state, so that a save takes long enough to be caught writing its
+    files: the first SIGTERM gives notice, the second comes while a checkpoint's files are written
+    and its manifest is not."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    st, lineage, log = CheckpointStore(str(tmp_path)), "twice", tmp_path / "run.log"
+    proc = subprocess.Popen([sys.executable, "-c", SAVING, str(tmp_path), lineage], stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2])
+    try:
+        deadline = time.monotonic() + 240
+        while not st.list(lineage):  # a committed checkpoint to fall back to
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        before = [m.id for m in st.list(lineage)]
+        os.kill(proc.pid, signal.SIGTERM)
+        while not st.uncommitted(lineage):  # the next save is writing its files
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.01)
+        writing = set(st.uncommitted(lineage))
+        os.kill(proc.pid, signal.SIGTERM)
+        sent = time.monotonic()
+        proc.wait(30)
+        exited_s = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert proc.returncode == 128 + signal.SIGTERM and "second signal: exiting now" in text, text[-3000:]
+    assert exited_s < 2.0, f"the second SIGTERM took {exited_s:.2f} s to end the process"
+    committed = [m.id for m in st.list(lineage)]
+    assert not writing & set(committed), f"the save interrupted by the second SIGTERM got committed: {writing}"
+    assert committed[: len(before)] == before and st.verify_lineage(lineage) == []
+    assert set(st.uncommitted(lineage)) == writing  # left for cleanup (uncommitted_ttl), never listed
