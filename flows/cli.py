@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -146,7 +147,7 @@ def _train(config_file: Optional[Path] = None, ray_address: Optional[str] = None
     if verbose:
         from .train import train as train_flow
 
-        _print_summary(console, _run_flow(train_flow, config=config), as_json, None)
+        _print_summary(console, _run_flow(train_flow, with_ray=True, config=config), as_json, None)
         return
     _train_quietly(config, as_json)
 
@@ -174,7 +175,7 @@ def _train_quietly(config, as_json: bool) -> None:
             with monitor:
                 from .train import train as train_flow
 
-                summary = _run_flow(train_flow, err=err, config=config)
+                summary = _run_flow(train_flow, err=err, with_ray=True, config=config)
         except (typer.Exit, Exception, KeyboardInterrupt) as caught:
             failed = caught
     if failed is not None:
@@ -239,13 +240,19 @@ def _register_train() -> None:
 
 _register_train()
 
-def _run_flow(flow_fn, err: Optional[Console] = None, **params):
-    """Run a flow against PREFECT_API_URL, or a Prefect server started for this command."""
+def _run_flow(flow_fn, err: Optional[Console] = None, with_ray: bool = False, **params):
+    """Run a flow against PREFECT_API_URL, or a Prefect server started for this command.
+    `with_ray`: start the local Ray the flow's task runner needs while the server starts."""
     from ._server import ServerStartError, prefect_api
 
     err = err or err_console
+    ray_started: list[bool] = []
+    if with_ray:
+        from .train import start_local_ray
+
     try:
-        with prefect_api():
+        with prefect_api(alongside=(lambda: ray_started.append(start_local_ray())) if with_ray else None), \
+                _shutdown_ray_after(ray_started):
             state = flow_fn(**params, return_state=True)
             if not state.is_completed():
                 from .artifacts import error_text
@@ -266,6 +273,17 @@ def _run_flow(flow_fn, err: Optional[Console] = None, **params):
     except ServerStartError as error:
         err.print(f"cannot start a Prefect server: {error}", style="red", markup=False)
         raise typer.Exit(1) from None
+
+
+@contextlib.contextmanager
+def _shutdown_ray_after(started: list[bool]):
+    try:
+        yield
+    finally:
+        if any(started):
+            import ray
+
+            ray.shutdown()
 
 
 @app.command()

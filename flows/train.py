@@ -45,6 +45,23 @@ def ray_init_kwargs() -> dict:
             "log_to_driver": True}
 
 
+def start_local_ray() -> bool:
+    """Start the local Ray a flow run would start (same `ray.init` arguments as `RayRunner`), now:
+    `baton train` calls it while the Prefect server starts, so the two starts overlap. The runner
+    then uses it; whoever started it shuts it down. False when the run attaches to RAY_ADDRESS or
+    Ray is already up."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        return False
+    from ._server import STARTUP_S
+
+    started = time.monotonic()
+    ray.init(namespace="prefect", **ray_init_kwargs())
+    STARTUP_S["local Ray"] = time.monotonic() - started
+    return True
+
+
 def own_cluster_options() -> dict:
     """Ray options that tell a block task (and the Ray Train actors it starts, which inherit its
     runtime env) the address of the cluster it runs on. Without it Ray Train's PlacementGroupCleaner
@@ -54,7 +71,10 @@ def own_cluster_options() -> dict:
 
     if not ray.is_initialized():
         return {}
-    return {"runtime_env": {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}}}
+    env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    if os.environ.get("PREFECT_API_URL"):  # the API of this run, whatever Ray's workers inherited
+        env["PREFECT_API_URL"] = os.environ["PREFECT_API_URL"]
+    return {"runtime_env": {"env_vars": env}}
 
 
 class RayRunner(RayTaskRunner):
@@ -122,6 +142,11 @@ def train(config: TrainConfig = TrainConfig()) -> TrainSummary:
 
     In a deployment run, `config` is merged field by field over the deployment's default config."""
     config = served(config)
+    from ._server import startup_summary
+
+    told = startup_summary()
+    if told:
+        get_run_logger().info(told)
     get_run_logger().info("effective config: %s", describe(config))
     return run_training(config)
 

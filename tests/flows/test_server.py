@@ -35,3 +35,36 @@ def test_the_startup_wait_defaults_to_longer_than_prefects_twenty_seconds(monkey
     monkeypatch.setenv(STARTUP_TIMEOUT_SETTING, "abc")
     with pytest.raises(ServerStartError, match=STARTUP_TIMEOUT_SETTING):
         startup_timeout_s()
+
+
+def _answers(api_url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_what_starts_alongside_runs_while_the_server_starts_knows_its_url_and_a_failure_stops_it(monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    seen: dict[str, object] = {}
+
+    def alongside() -> None:  # what `baton train` does here: start Ray
+        seen["url"] = os.environ.get("PREFECT_API_URL")
+        seen["answering"] = _answers(str(seen["url"]))
+
+    with prefect_api(alongside=alongside) as url:
+        assert seen == {"url": url, "answering": False}  # ran before the server answered, knowing where it will
+        assert _answers(url)
+    assert "PREFECT_API_URL" not in os.environ and _uvicorn_children() == []
+
+    def broken() -> None:
+        raise RuntimeError("ray.init failed")
+
+    with pytest.raises(RuntimeError, match="ray.init failed"):
+        with prefect_api(alongside=broken):
+            pytest.fail("the run cannot start without what starts alongside")
+    assert "PREFECT_API_URL" not in os.environ and _uvicorn_children() == []
