@@ -9,8 +9,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Callable, Iterator
 
 log = logging.getLogger("baton")
@@ -39,49 +42,122 @@ def startup_timeout_s() -> float:
         raise ServerStartError(f"{STARTUP_TIMEOUT_SETTING}={value!r} is not a whole number of seconds") from None
 
 
-def start_temporary_server(alongside: Callable[[], object] | None = None):
-    """A local Prefect server on a free port, waited for up to the startup timeout, tried twice
-    (the second time on a fresh port). Raises ServerStartError naming the setting to raise.
+class TemporaryServer:
+    """A local Prefect server process for one run: what Prefect's own `SubprocessASGIServer` runs
+    (uvicorn on Prefect's app factory, UI off, marked ephemeral), launched by Baton itself so that
+    `baton train` can launch it first thing, before importing Prefect, torch or Ray (~4 s here),
+    and wait for it only when the flow starts. Launching imports nothing."""
 
-    `alongside` runs in this thread while the first try starts (Ray, say: the two starts take
-    about as long as each other and mostly wait). PREFECT_API_URL is set before it runs, so what
-    it starts already knows the API; a second try on a fresh port sets it again."""
-    from prefect.server.api.server import SubprocessASGIServer
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.process: subprocess.Popen | None = None
+        self.launched_at = 0.0
 
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def launch(self, output: Path | None = None) -> "TemporaryServer":
+        """Start the process; its output goes to `output` (appended) or where this process's goes."""
+        import atexit
+        import importlib.util
+
+        prefect_dir = os.path.dirname(os.path.dirname(importlib.util.find_spec("prefect").origin))
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+               "PREFECT__SERVER_FINAL": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        env.pop("PREFECT_API_URL", None)
+        self.launched_at = time.monotonic()
+        sink = None
+        if output is not None:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            sink = open(output, "ab")
+            sink.write(f"baton: starting a temporary Prefect server on http://127.0.0.1:{self.port}\n".encode())
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "--app-dir", prefect_dir, "--factory",
+                 "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+                 "--log-level", "error", "--lifespan", "on"], env=env, stdout=sink, stderr=sink)
+        finally:
+            if sink is not None:
+                sink.close()  # the child has its own copy
+        atexit.register(self.stop)
+        return self
+
+    def wait(self, timeout_s: float) -> None:
+        """Until the API answers; RuntimeError if it does not within `timeout_s` or the process ends."""
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            code = self.process.poll() if self.process is not None else -1
+            if code is not None:
+                raise RuntimeError(f"the server process exited with code {code}"
+                                   + (" (port in use)" if code == 3 else ""))
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("no answer in time")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_temporary_server(output: Path | None = None) -> TemporaryServer | None:
+    """Launch the run's server now, unless PREFECT_API_URL names one (None then)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    return TemporaryServer().launch(output)
+
+
+def start_temporary_server(alongside: Callable[[], object] | None = None,
+                           launched: TemporaryServer | None = None) -> TemporaryServer:
+    """The run's local Prefect server, answering: `launched` (or one launched now), waited for up
+    to the startup timeout, tried twice (the second time on a fresh port). Raises ServerStartError
+    naming the setting to raise.
+
+    `alongside` runs while the first try starts (Ray, say: the two starts take about as long as
+    each other and mostly wait). PREFECT_API_URL is set before it runs, so what it starts already
+    knows the API; a second try on a fresh port sets it again."""
     timeout = startup_timeout_s()
     errors = []
+    server = launched or TemporaryServer().launch()
     for attempt in range(STARTUP_ATTEMPTS):
-        server = SubprocessASGIServer(SubprocessASGIServer().find_available_port())
+        if attempt:
+            server = TemporaryServer().launch()
         os.environ["PREFECT_API_URL"] = server.api_url
-        failed: list[Exception] = []
-
-        def start() -> None:
-            try:
-                # Prefect counts only its 0.1 s sleeps toward the timeout; an int is what it expects.
-                server.start(timeout=max(1, round(timeout)))
-            except Exception as err:  # Prefect raises RuntimeError with the server's output
-                failed.append(err)
-
-        started = time.monotonic()
         if attempt == 0 and alongside is not None:
-            starter = threading.Thread(target=start, name="baton-prefect-server", daemon=True)
-            starter.start()
             try:
                 alongside()
             except BaseException:
-                starter.join()
                 server.stop()
                 os.environ.pop("PREFECT_API_URL", None)
                 raise
-            starter.join()
-        else:
-            start()
-        if not failed:
-            STARTUP_S["Prefect server"] = time.monotonic() - started
-            return server
-        err = failed[0]
-        errors.append(str(err).splitlines()[0] if str(err) else type(err).__name__)
-        server.stop()  # Prefect leaves a server that did not answer in time running
+        try:
+            server.wait(max(0.0, timeout - (time.monotonic() - server.launched_at)))
+        except Exception as err:
+            errors.append(str(err))
+            server.stop()
+            continue
+        STARTUP_S["Prefect server"] = time.monotonic() - server.launched_at
+        return server
     os.environ.pop("PREFECT_API_URL", None)
     raise ServerStartError(
         f"the temporary Prefect server did not answer within {timeout:g} s ({STARTUP_ATTEMPTS} tries: "
@@ -101,11 +177,13 @@ def startup_summary() -> str | None:
 
 
 @contextlib.contextmanager
-def prefect_api(alongside: Callable[[], object] | None = None) -> Iterator[str]:
-    """Use PREFECT_API_URL if set; otherwise start a local server for the run and point at it.
-    `alongside` runs while the server starts (or at once, when there is none to start)."""
+def prefect_api(alongside: Callable[[], object] | None = None,
+                launched: TemporaryServer | None = None) -> Iterator[str]:
+    """Use PREFECT_API_URL if set; otherwise start a local server for the run (or wait for the one
+    `launched` earlier) and point at it. `alongside` runs while the server starts (or at once,
+    when there is none to start)."""
     existing = os.environ.get("PREFECT_API_URL")
-    if existing:
+    if existing and launched is None:
         if alongside is not None:
             alongside()
         yield existing
@@ -114,7 +192,7 @@ def prefect_api(alongside: Callable[[], object] | None = None) -> Iterator[str]:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     # The environment variable reaches the Ray workers (they inherit it); the setting this process.
-    server = start_temporary_server(alongside)
+    server = start_temporary_server(alongside, launched)
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
             yield server.api_url

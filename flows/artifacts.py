@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .train import TrainSummary
 
 __all__ = ["TrainProgress", "artifact_key", "committed_by", "line_chart_png", "lineage_markdown",
-           "publish_failure", "publish_run"]
+           "failure_status", "publish_failure", "publish_run"]
 
 _RUN_IN_OWNER = re.compile(r"^flow run (?P<name>\S*) (?P<id>[0-9a-f-]{36}) ")
 
@@ -164,15 +164,29 @@ def publish_run(store: CheckpointStore, summary: "TrainSummary") -> None:
         _warn("summary", err)
 
 
-def publish_failure(store: CheckpointStore, lineage: str, epochs: int, error: BaseException) -> None:
-    """When a run fails: where the lineage stands, and where a Retry resumes."""
+def publish_failure(store: CheckpointStore, lineage: str, epochs: int, error: BaseException,
+                    cancelled: bool = False) -> None:
+    """When a run fails, is cancelled or stops on a preemption notice: where the lineage stands,
+    and where a Retry resumes."""
     try:
         manifests = store.list(lineage)
     except Exception as err:
         _warn("lineage", err)
         return
-    status = f"Run `{_this_run()}` **failed**: {error_text(error)}"
+    status = failure_status(_this_run(), error, cancelled)
     _publish_lineage(store, lineage, manifests, status, epochs=epochs, failed=True)
+
+
+def failure_status(run: str, error: BaseException, cancelled: bool = False) -> str:
+    """The lineage page's status line for a run that did not complete."""
+    from tasks.preempt import clean_message
+
+    stopped = clean_message(error)
+    if stopped is None:
+        return f"Run `{run}` **failed**: {error_text(error)}"
+    if cancelled:
+        return f"Run `{run}` was **cancelled**: {stopped}"
+    return f"Run `{run}` **stopped** on a preemption notice: {stopped}"
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -131,10 +131,19 @@ def _train(config_file: Optional[Path] = None, ray_address: Optional[str] = None
         print(json.dumps({"lineage": config.resolved_lineage(), "config": config.model_dump(mode="json"),
                           "blocks": plan}, indent=2))
         return
+    from ._server import launch_temporary_server
+    from ._terminal import default_log_path
+
+    # The Prefect server takes the longest to start: launch it before anything heavy is imported,
+    # wait for it when the flow starts (and stop it at once if there is nothing to train).
+    log_path = None if verbose else default_log_path(config.resolved_lineage())
+    launched = launch_temporary_server(log_path)
     from .config import already_trained
 
     finished = already_trained(config)
-    if finished is not None:  # a rerun of a finished lineage: no server, no Ray
+    if finished is not None:  # a rerun of a finished lineage: no server wait, no Ray
+        if launched is not None:
+            launched.stop()
         console.print(f"{finished.lineage} already has {finished.epochs} epoch(s): nothing to train",
                       markup=False, highlight=False)
         _print_summary(console, finished, as_json, None)
@@ -147,20 +156,19 @@ def _train(config_file: Optional[Path] = None, ray_address: Optional[str] = None
     if verbose:
         from .train import train as train_flow
 
-        _print_summary(console, _run_flow(train_flow, with_ray=True, config=config), as_json, None)
+        _print_summary(console, _run_flow(train_flow, with_ray=True, launched=launched, config=config), as_json, None)
         return
-    _train_quietly(config, as_json)
+    _train_quietly(config, as_json, log_path, launched)
 
 
-def _train_quietly(config, as_json: bool) -> None:
+def _train_quietly(config, as_json: bool, log_path: Path, launched=None) -> None:
     """Ray's and Prefect's own output to a log file; Baton's lines, a progress display and the
     summary to the terminal (live on a terminal, plain lines otherwise)."""
     from ckpt import CheckpointStore
 
-    from ._terminal import QuietOutput, TrainMonitor, default_log_path
+    from ._terminal import QuietOutput, TrainMonitor
 
     lineage = config.resolved_lineage()
-    log_path = default_log_path(lineage)
     quiet = QuietOutput(log_path, show=lambda line: None)
     failed: BaseException | None = None
     with quiet:
@@ -175,7 +183,7 @@ def _train_quietly(config, as_json: bool) -> None:
             with monitor:
                 from .train import train as train_flow
 
-                summary = _run_flow(train_flow, err=err, with_ray=True, config=config)
+                summary = _run_flow(train_flow, err=err, with_ray=True, launched=launched, config=config)
         except (typer.Exit, Exception, KeyboardInterrupt) as caught:
             failed = caught
     if failed is not None:
@@ -240,9 +248,10 @@ def _register_train() -> None:
 
 _register_train()
 
-def _run_flow(flow_fn, err: Optional[Console] = None, with_ray: bool = False, **params):
-    """Run a flow against PREFECT_API_URL, or a Prefect server started for this command.
-    `with_ray`: start the local Ray the flow's task runner needs while the server starts."""
+def _run_flow(flow_fn, err: Optional[Console] = None, with_ray: bool = False, launched=None, **params):
+    """Run a flow against PREFECT_API_URL, or a Prefect server started for this command (or
+    `launched` earlier). `with_ray`: start the local Ray the flow's task runner needs while the
+    server starts."""
     from ._server import ServerStartError, prefect_api
 
     err = err or err_console
@@ -251,7 +260,8 @@ def _run_flow(flow_fn, err: Optional[Console] = None, with_ray: bool = False, **
         from .train import start_local_ray
 
     try:
-        with prefect_api(alongside=(lambda: ray_started.append(start_local_ray())) if with_ray else None), \
+        with prefect_api(alongside=(lambda: ray_started.append(start_local_ray())) if with_ray else None,
+                         launched=launched), \
                 _shutdown_ray_after(ray_started):
             state = flow_fn(**params, return_state=True)
             if not state.is_completed():

@@ -184,7 +184,7 @@ def run_training(config: TrainConfig, tags: Iterable[str] = ()) -> TrainSummary:
     except Exception as err:
         # Exactly when a person needs them: what is committed, and where a Retry will resume.
         progress.update_from(store)
-        publish_failure(store, lineage, config.epochs, err)
+        publish_failure(store, lineage, config.epochs, err, cancelled=stop is not None and stop.cancelled)
         time.sleep(2 * WORKER_LOG_BATCH_S)  # the failed block's last lines, to the UI
         message = clean_message(err)
         if stop is not None and stop.cancelled and message is not None:

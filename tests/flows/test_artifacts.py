@@ -77,3 +77,14 @@ def test_a_failed_worker_group_is_told_by_the_error_of_the_rank_that_failed():
                "RuntimeError: failure injection: rank 0 fails at step of epoch 1 batch 15\n")
     failed = RuntimeError(str(WorkerGroupError(snippet, {0: RuntimeError("failure injection")})))
     assert error_text(failed) == "RuntimeError: failure injection: rank 0 fails at step of epoch 1 batch 15"
+
+
+def test_the_status_line_tells_a_failure_a_cancel_and_a_preemption_apart():
+    from flows.artifacts import failure_status
+    from tasks.preempt import Preempted
+
+    stop = "preempted at epoch 1 step 12; checkpoint 000001-0000000012 committed; a rerun or Retry resumes there"
+    wrapped = RuntimeError(f"Training failed on rank 0:\n  tasks.preempt.Preempted: {stop}\nmore")
+    assert failure_status("run-a", RuntimeError("boom")) == "Run `run-a` **failed**: RuntimeError: boom"
+    assert failure_status("run-a", wrapped, cancelled=True) == f"Run `run-a` was **cancelled**: {stop}"
+    assert failure_status("run-a", Preempted(stop)) == f"Run `run-a` **stopped** on a preemption notice: {stop}"

@@ -53,3 +53,17 @@ def listing(store: str, lineage: str, env: dict[str, str], cwd: Path) -> list[di
 
 def epochs_committed(store: str, lineage: str) -> list[int]:
     return [m.epoch for m in CheckpointStore(store).list(lineage) if m.position.epoch_complete]
+
+
+def warm_groups_alive(env: dict, lineage: str) -> tuple[int, int]:
+    """(WarmGroup actors of `lineage` alive, placement groups in use) on the test cluster."""
+    # GCS queries only: the test cluster runs without the dashboard that the state API needs.
+    code = ("import ray, json\n"
+            f"ray.init(address={env['RAY_ADDRESS']!r}, log_to_driver=False)\n"
+            "names = [a['name'] for a in ray.util.list_named_actors(all_namespaces=True)]\n"
+            f"actors = [n for n in names if n.startswith('baton-warm-{lineage}-')]\n"
+            "groups = [g for g in ray.util.placement_group_table().values() if g['state'] == 'CREATED']\n"
+            "print(json.dumps([len(actors), len(groups)]))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return tuple(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -18,7 +18,7 @@ import pytest
 
 from ckpt import CheckpointStore
 
-from .support import start_baton, wait_for
+from .support import start_baton, wait_for, warm_groups_alive
 
 pytestmark = pytest.mark.integration
 
@@ -134,16 +134,19 @@ def test_an_on_demand_deployment_run_trains_end_to_end_and_publishes_its_artifac
         assert all(s["active"] for s in served["schedules"]), served["schedules"]
 
 
-@pytest.mark.parametrize("name, flow_retries", [("train/on-demand", 0), ("nightly-retrain/nightly", 1)])
+@pytest.mark.parametrize("name, flow_retries, old_group", [("train/on-demand", 0, "still there"),
+                                                             ("nightly-retrain/nightly", 1, "idled out")])
 def test_a_run_failed_mid_block_and_retried_like_the_ui_button_completes_from_its_latest_checkpoint(
-        cluster_env, prefect_server, workdir, name, flow_retries):
+        cluster_env, prefect_server, workdir, name, flow_retries, old_group):
     """The retry keeps the flow run id; block 0 is not trained again; block 1 resumes from the
     mid-epoch checkpoint committed before the failure. With flow retries (nightly-retrain has one),
     the failure fires once more than there are retries, and the UI retry must not hang in
-    AwaitingRetry (prefect issues 17913, 15482)."""
+    AwaitingRetry (prefect issues 17913, 15482). The failed run's warm worker group is either still
+    there when the retry comes (it is replaced: the retry holds a new lease) or has idled out."""
     store = str(workdir / "ckpts")
     config = {"store": store, "lineage": "retried", "epochs": 2, "epochs_per_block": 1, "workers": 2,
               "checkpoint_every_steps": 2, "max_failures": 0, "block_retries": 0,
+              "warm_idle_timeout_s": 120 if old_group == "still there" else 5,
               "fail": {"action": "raise", "epoch": 1, "batch": 3, "times": 1 + flow_retries}}
     with serving(cluster_env, workdir, "--store", store) as (proc, log):
         run_id = run_deployment(name, {"config": config}, cluster_env, workdir)
@@ -154,6 +157,11 @@ def test_a_run_failed_mid_block_and_retried_like_the_ui_button_completes_from_it
         before = CheckpointStore(store).list(lineage)
         latest = before[-1]
         assert latest.epoch == 1 and not latest.position.epoch_complete, [m.id for m in before]
+        if old_group == "still there":
+            assert warm_groups_alive(cluster_env, lineage)[0] == 1
+        else:
+            wait_for(lambda: warm_groups_alive(cluster_env, lineage)[0] == 0, 120, "the old group to idle out",
+                     proc, log)
 
         accepted = retry_like_the_ui(prefect_server, run_id)
         assert accepted["status"] == "ACCEPT", accepted

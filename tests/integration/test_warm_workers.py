@@ -4,15 +4,13 @@ from the store, bit-identical, and nothing of a dead flow's group is left behind
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from ckpt import CheckpointStore
 
-from .support import kill_group, run_baton, start_baton, wait_for
+from .support import warm_groups_alive as _alive, kill_group, run_baton, start_baton, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -25,20 +23,6 @@ def _train(store: str, lineage: str, env, cwd: Path, *extra: str):
     out = run_baton(["train", "--store", store, "--lineage", lineage, *DIGITS, *extra], env, cwd, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-4000:]
     return out.stdout + out.stderr
-
-
-def _alive(env: dict, lineage: str) -> tuple[int, int]:
-    """(WarmGroup actors of `lineage` alive, placement groups in use) on the test cluster."""
-    # GCS queries only: the test cluster runs without the dashboard that the state API needs.
-    code = ("import ray, json\n"
-            f"ray.init(address={env['RAY_ADDRESS']!r}, log_to_driver=False)\n"
-            "names = [a['name'] for a in ray.util.list_named_actors(all_namespaces=True)]\n"
-            f"actors = [n for n in names if n.startswith('baton-warm-{lineage}-')]\n"
-            "groups = [g for g in ray.util.placement_group_table().values() if g['state'] == 'CREATED']\n"
-            "print(json.dumps([len(actors), len(groups)]))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return tuple(__import__("json").loads(out.stdout.strip().splitlines()[-1]))
 
 
 def test_four_blocks_run_on_the_same_worker_processes_and_end_bit_identical_to_cold_and_single_block_runs(
