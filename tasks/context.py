@@ -26,19 +26,20 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ckpt import (CheckpointError, CheckpointStore, Manifest, Position, TrainingState, capture_rng, decode,
-                  restore_rng)
+from ckpt import CheckpointStore, Position, TrainingState, capture_rng
 
 from . import faults
 from ._commit import Committer
 from ._dist import Collectives
+from ._preemption import PreemptionMixin, _drain_watch
+from ._resume import ResumeMixin, newest_good, seed_rank
 from .recipes import RecipeParams
 from .spec import BlockSpec
 
-log = logging.getLogger("baton.worker")
+# newest_good and seed_rank live in tasks/_resume.py; their import path stays tasks.context.
+__all__ = ["LoopError", "NonFiniteMetric", "TrainContext", "newest_good", "seed_rank"]
 
-# Objects restored into the matching field of a checkpoint; any other keyword goes to `objects`.
-_TOP_LEVEL = ("model", "optimizer", "scheduler")
+log = logging.getLogger("baton.worker")
 
 
 class LoopError(Exception):
@@ -49,8 +50,11 @@ class NonFiniteMetric(LoopError):
     """A metric (the loss) is NaN or infinite: the block stops before committing anything of it."""
 
 
-class TrainContext:
-    """What one rank of a block sees. Built by Baton; a loop only calls its methods."""
+class TrainContext(ResumeMixin, PreemptionMixin):
+    """What one rank of a block sees. Built by Baton; a loop only calls its methods.
+
+    What goes into and comes back from a checkpoint is `ResumeMixin` (tasks/_resume.py); stopping
+    on a preemption notice is `PreemptionMixin` (tasks/_preemption.py)."""
 
     def __init__(self, spec: BlockSpec, rank: int, world_size: int, *, local_rank: int = 0,
                  device: torch.device | None = None, report: Callable[[dict[str, Any]], None] | None = None,
@@ -195,52 +199,6 @@ class TrainContext:
             log.info("block %d continues in the same worker group (no restart)", self.spec.index)
         return True
 
-    def _stop_at_step(self) -> None:
-        """A preemption notice: commit this exact step (all ranks are here), then end the block."""
-        started = time.perf_counter()
-        if self._mid_epoch_checkpoint_possible():
-            if self._committed_step != self._position.step:
-                self._checkpoint(report=False)
-            self._preempted(started)
-        if self._loaders:  # the loader's last batch: the epoch-end commit follows at once
-            self._stop_after_epoch = True
-            return
-        from .preempt import Preempted
-
-        raise Preempted(f"preempted at epoch {self._position.epoch} step {self._position.step} without a "
-                        "checkpoint of that step (the loop reads no ctx.loader, so its data position cannot be "
-                        "saved); a rerun or Retry resumes at the last committed checkpoint")
-
-    def _preempted(self, started: float) -> None:
-        from .preempt import Preempted
-
-        self._settle()
-        saved_s = time.perf_counter() - started
-        checkpoint = self._dist.broadcast_object(self._committer.parent if self._committer else None)
-        where = "end of epoch" if self._position.epoch_complete else "step"
-        message = (f"preempted at epoch {self._position.epoch} step {self._position.step} ({where}); checkpoint "
-                   f"{checkpoint} committed; a rerun or Retry resumes there")
-        if self.rank == 0:
-            reason = self._notice.reason if self._notice else "notice"
-            log.warning("%s (%s). Stopping took %.2f s after the step (a step takes %.2f s, the save %.2f s): a "
-                        "notice shorter than a step plus a save falls back to the last committed checkpoint",
-                        message, reason, saved_s + self._step_s, self._step_s, saved_s)
-        drain = self._drain if self._drain and self._drain.requested else None
-        if drain is not None:
-            message += f" ({drain.reason})"
-            if drain.deadline is not None and drain.deadline - drain.seen_at < self._step_s + saved_s:
-                log.warning("the drain of this rank's node gave %.1f s of notice, less than a step plus a save "
-                            "(%.2f s + %.2f s): had the node gone at its deadline, the run would have resumed at the "
-                            "last committed checkpoint; a smaller checkpoint_every_steps loses less then",
-                            drain.deadline - drain.seen_at, self._step_s, saved_s)
-        raise Preempted(message)
-
-    def _drain_vote(self) -> None:
-        """Finish the vote in flight (every rank has one, from the same step)."""
-        vote, self._notice_vote = self._notice_vote, None
-        if vote is not None:
-            self._dist.finish_any(vote)
-
     def _settle(self) -> None:
         """The last save committed and reported, on every rank."""
         self._drain_vote()
@@ -278,13 +236,7 @@ class TrainContext:
         every = self.spec.settings.checkpoint_every_steps
         if every and self._position.step % every == 0 and self._mid_epoch_checkpoint_possible():
             self._checkpoint(report=False)
-        # Preemption: every rank learns of a notice through one collective that runs during the
-        # next step (no stall per step); all ranks read its answer at the same step and stop there.
-        noticed = bool(self._notice and self._notice.requested) or bool(self._drain and self._drain.requested)
-        agreed, self._notice_vote = self._notice_vote, self._dist.start_any(noticed)
-        if agreed is not None and self._dist.finish_any(agreed):
-            self._drain_vote()
-            self._stop_at_step()
+        self._vote_on_notice()
         faults.at_batch(self.spec.settings.fail, self.store, self.spec.lineage, self.rank, epoch, self._position.batch_in_epoch)
 
     def end_epoch(self, **metrics: float) -> dict[str, float]:
@@ -328,11 +280,6 @@ class TrainContext:
                             "iterate `for epoch in ctx.epochs():` to its end")
         self._settle()
         self._close_watchers()
-
-    def _close_watchers(self) -> None:
-        for watcher in (self._notice, self._drain):
-            if watcher is not None:
-                watcher.close()
 
     def abandon(self) -> None:
         """Training failed: let a save in flight finish (its snapshot is consistent), no collectives."""
@@ -417,66 +364,6 @@ class TrainContext:
             self._send(line)
         return metrics
 
-    def _training_state(self, ranks: list[dict[str, Any]] | None, sums, counts) -> TrainingState:
-        objects = self._objects
-        extra = {"user": self._user_state,
-                 "objects": {k: v.state_dict() for k, v in objects.items() if k not in _TOP_LEVEL},
-                 "loaders": [r["loaders"] for r in ranks or []]}
-        return TrainingState(
-            model=objects["model"].state_dict(), position=self._position,
-            optimizer=objects["optimizer"].state_dict() if "optimizer" in objects else None,
-            scheduler=objects["scheduler"].state_dict() if "scheduler" in objects else None,
-            rng=[r["rng"] for r in ranks or []], progress={"sums": sums, "counts": counts}, extra=extra)
-
-    def _load(self) -> TrainingState | None:
-        manifest, state = newest_good(self.store, self.spec.lineage)
-        if manifest is not None:
-            self._committer and self._committer.resumed_from(manifest.id)
-            if self.rank == 0:
-                log.info("resuming %s from %s (epoch %d, batch %d, step %d)", self.spec.lineage, manifest.id,
-                         state.position.epoch, state.position.batch_in_epoch, state.position.step)
-            return state
-        if self.spec.settings.init_from:
-            return self._warm_start()
-        return None
-
-    def _warm_start(self) -> TrainingState | None:
-        source, selector = self.spec.settings.init_source
-        manifest = self.store.resolve(source, selector, verified=True)
-        state = decode({name: self.store.read(manifest, name) for name in manifest.files})
-        self._objects["model"].load_state_dict(state.model)
-        parent = f"{source}/{manifest.id}"
-        self._committer and self._committer.resumed_from(parent)
-        if self.rank == 0:
-            log.info("warm start of %s from %s (%s)", self.spec.lineage, parent, self.spec.settings.init_mode)
-        if self.spec.settings.init_mode == "weights":
-            return None
-        # `full`: the whole training state, but a new lineage starts at epoch 0 with fresh counters.
-        return TrainingState(model=state.model, optimizer=state.optimizer, scheduler=state.scheduler,
-                             rng=state.rng, extra=state.extra,
-                             position=Position(epoch=0, batch_in_epoch=0, epoch_complete=False, step=0))
-
-    def _apply(self, state: TrainingState) -> None:
-        objects = self._objects
-        objects["model"].load_state_dict(state.model)
-        if "optimizer" in objects and state.optimizer is not None:
-            objects["optimizer"].load_state_dict(state.optimizer)
-        if "scheduler" in objects and state.scheduler is not None:
-            objects["scheduler"].load_state_dict(state.scheduler)
-        extra = state.extra if "objects" in state.extra else {"user": state.extra, "objects": {}, "loaders": []}
-        for name, obj in objects.items():
-            if name not in _TOP_LEVEL and name in extra["objects"]:
-                obj.load_state_dict(_json_keys_back(obj, extra["objects"][name]))
-        self._user_state.clear()
-        self._user_state.update(extra.get("user") or {})
-        self._position, self._restored = state.position, state
-        if not state.position.epoch_complete:  # a mid-epoch resume continues the epoch's means
-            progress = state.progress
-            if self.rank == 0 and "sums" in progress:
-                self._sums, self._counts = dict(progress["sums"]), dict(progress["counts"])
-            elif "sums" in progress:
-                self._sums, self._counts = {}, {k: 0.0 for k in progress["counts"]}
-
     def _pending_loader_states(self) -> list[Any] | None:
         state = self._restored
         if state is None or "loaders" not in state.extra:
@@ -491,24 +378,6 @@ class TrainContext:
                             f"{len(self._loaders)}: create the same loaders, in the same order, before ctx.epochs()")
         return mine
 
-    def _restore_rng(self) -> None:
-        # Last thing before the first forward pass: every rank's own RNG state, exactly.
-        state = self._restored
-        if state is not None and len(state.rng) == self.world_size and "rng" not in faults.omitted():
-            restore_rng(state.rng[self.rank])
-            return
-        if state is not None and state.rng and len(state.rng) != self.world_size:
-            log.warning("the checkpoint has RNG states for %d ranks, this run has %d: reseeding, so this "
-                        "resume is not bit-exact", len(state.rng), self.world_size)
-        seed_rank(self.params.seed, self.rank, self._position.step)
-
-
-def _json_keys_back(obj: Any, state: dict[str, Any]) -> dict[str, Any]:
-    """An optimizer's per-parameter state is keyed by int; a checkpoint's JSON keys are strings."""
-    if isinstance(obj, torch.optim.Optimizer) and isinstance(state.get("state"), dict):
-        return {**state, "state": {int(k): v for k, v in state["state"].items()}}
-    return state
-
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module whose state is saved: the same with or without a DDP wrapper."""
@@ -519,37 +388,3 @@ def _start_point(position: Position) -> tuple[int, int]:
     if position.epoch_complete:
         return position.epoch + 1, 0
     return position.epoch, position.batch_in_epoch
-
-
-def _drain_watch(ctx: TrainContext):
-    """A DrainWatch of this rank's node; None (logged) where Ray cannot say (no drain is then seen)."""
-    from .preempt import DrainWatch
-
-    try:
-        return DrainWatch(ctx.store, ctx.spec.lineage, ctx.spec.fence, ctx.rank)
-    except Exception as err:
-        log.warning("rank %d cannot watch its Ray node for a drain (%s): a drain stops nothing early", ctx.rank, err)
-        return None
-
-
-def seed_rank(seed: int, rank: int, step: int) -> None:
-    import random
-
-    import numpy as np
-
-    value = (seed * 1_000_003 + rank * 7919 + step) % 2**32
-    random.seed(value)
-    np.random.seed(value)
-    torch.manual_seed(value)
-
-
-def newest_good(store: CheckpointStore, lineage: str) -> tuple[Manifest | None, TrainingState | None]:
-    """The newest committed checkpoint whose files verify and decode: a corrupt one is skipped (and
-    logged), never loaded. Each file is read once: verifying already reads them all."""
-    for manifest in reversed(store.list(lineage)):
-        try:
-            return manifest, decode({name: store.read(manifest, name) for name in manifest.files})
-        except (CheckpointError, ValueError, KeyError, TypeError) as err:
-            log.warning("skipping checkpoint %s/%s, which cannot be loaded: %s", lineage, manifest.id, err)
-    return None, None
-
