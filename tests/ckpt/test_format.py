@@ -194,3 +194,23 @@ def test_a_blob_changed_after_it_was_hashed_is_hashed_again_when_written(tmp_pat
     entry = _io.write_file(fs, f"{root}/f", blob)
     assert entry.blake3 != before
     assert _io.hash_file(fs, f"{root}/f", entry) == (entry.size, entry.blake3)
+
+
+def test_a_forked_process_hashes_after_its_parent_did():
+    """BLAKE3's own thread pool does not survive fork(): a forked writer or DataLoader worker that
+    hashed with it hung (found by the S3 crash test). Baton hashes on one thread or its own pool."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys\n"
+            "from ckpt._blob import Blob, blake3_hex\n"
+            "from ckpt import _io\n"
+            "data = os.urandom(64 << 20)\n"
+            "expected = blake3_hex(data)\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    os._exit(0 if blake3_hex(data) == expected and Blob([data]).hash() == expected else 1)\n"
+            "_, status = os.waitpid(pid, 0)\n"
+            "sys.exit(os.waitstatus_to_exitcode(status))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
