@@ -91,7 +91,10 @@ class _CommitWatcher:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self._poll()
+        try:
+            self._poll()
+        except Exception as err:  # nor must a last poll (the log queue's node may be gone): the block's outcome stands
+            self.logger.debug("checkpoint watcher: %s", err)
 
 
 def _warn_if_store_not_shared(store: CheckpointStore, logger) -> None:
@@ -195,10 +198,9 @@ def _flow_run_id() -> str | None:
 
 
 def _run_warm(spec: BlockSpec, store: CheckpointStore, start: Manifest | None, flow_run: str, logger) -> CheckpointRef | None:
-    """The block on the flow run's warm worker group; None when the group's actor is gone (the
-    block then starts a fresh fit from the store)."""
-    import ray
-
+    """The block on the flow run's warm worker group; None when the group was lost (its actor is
+    gone, or a node that ran it or its workers died): warm.run_block has torn it down, and the block
+    starts a fresh fit from the store."""
     from . import warm
 
     named = spec.model_copy(update={"warm_group": warm.group_name(spec, flow_run)})
@@ -206,9 +208,12 @@ def _run_warm(spec: BlockSpec, store: CheckpointStore, start: Manifest | None, f
         with _CommitWatcher(store, spec.lineage, logger, policy=spec.settings.prune,
                             worker_logs=_WorkerLogs.open(logger)):
             result = warm.run_block(named, start.id if start else None, flow_run, logger)
-    except ray.exceptions.RayActorError as err:
+    except warm.GroupLost as err:
+        preempted = _preemption(spec, store)  # a drained node: the workers stopped on its notice
+        if preempted is not None:
+            raise preempted from None
         logger.warning("the warm worker group of %s is gone (%s): block %d starts a fresh one from the store",
-                       spec.lineage, type(err).__name__, spec.index)
+                       spec.lineage, err, spec.index)
         return None
     except Exception:
         preempted = _preemption(spec, store)

@@ -16,6 +16,22 @@ failed group is replaced by a fresh one, which starts from the store like any bl
 A group ends when the flow's last block is done, when its training fails, or by itself when no
 block came for `warm_idle_timeout_s` (its flow process died): the workers leave their loop, the
 `fit()` returns (Ray removes its placement group) and the actor process exits.
+
+A lost node is the block task's to notice: Ray Train 2.60 does not fail a run whose node died (its
+controller restarts the workers, retrying a start that cannot be placed forever), and when the node
+held the group's actor, the controller died with it (Ray pins the controller to the node that calls
+`fit()`) but its placement group did not: that belongs to the flow run's job, and Ray leaves its
+removal to a PlacementGroupCleaner that needs the dashboard's state API, so the group's old bundles,
+re-placed on the remaining nodes, kept the CPUs the next fit needed and the block waited for good.
+So while it waits, the block task checks its group every WATCH_S seconds: whether the actor
+answers, and whether every node that ran the actor or one of its workers is alive (`ray.nodes()`).
+When not, it tears the group down (`sweep`: the actor, the placement groups of its Ray Train runs and
+their cleaners; the controller, workers and their helpers go with those) and raises GroupLost; the
+block then trains on a fresh `fit()` from the store, which places its workers on the nodes left.
+A worker process lost on a live node is still Ray Train's to restart (`max_failures`), inside the group.
+A draining node is left to the drain (tasks/preempt.py); but a group whose training failed while one
+of its nodes is draining or dead is torn down too, so the retry does not reuse an actor whose node
+cannot take the controller of a new fit.
 """
 
 from __future__ import annotations
@@ -54,6 +70,10 @@ class WarmGroup:
         self._cond = threading.Condition()
         self._target: dict[str, Any] | None = None
         self._reached, self._last_id, self._pids = 0, None, set()
+        # Every node that ran one of the group's workers, and every placement group they ran in,
+        # for the block task's watch (a lost node) and for the clean-up of a lost group.
+        self._nodes: set[str] = set()
+        self._pgs: set[str] = set()
         self._fit: threading.Thread | None = None
         self._error: str | None = None
         self._stopping, self._active = False, time.monotonic()
@@ -62,7 +82,9 @@ class WarmGroup:
     # ---- the block task's side
     def describe(self) -> dict[str, Any]:
         with self._cond:
-            return {"key": self.key, "running": self._running(), "error": self._error, "pid": os.getpid()}
+            return {"key": self.key, "running": self._running(), "error": self._error, "pid": os.getpid(),
+                    "node": ray.get_runtime_context().get_node_id(), "nodes": sorted(self._nodes),
+                    "pgs": sorted(self._pgs)}
 
     def run_block(self, config: dict[str, Any], start_id: str | None) -> dict[str, Any]:
         """Bring the lineage to the block's end epoch; returns once the workers committed it."""
@@ -115,9 +137,11 @@ class WarmGroup:
         with self._cond:
             return dict(self._target) if self._target else None
 
-    def note_pid(self, pid: int) -> None:
+    def note_pid(self, pid: int, node: str | None = None, pg: str | None = None) -> None:
         with self._cond:
             self._pids.add(pid)
+            self._nodes.update([node] if node else [])
+            self._pgs.update([pg] if pg else [])
 
     # ---- inside
     def _running(self) -> bool:
@@ -157,14 +181,72 @@ class WarmGroup:
                     os._exit(0)
 
 
+class GroupLost(RuntimeError):
+    """The warm group can no longer train this block: its actor is gone, or a node that ran it or
+    its workers died. The group has been torn down; the block starts a fresh fit from the store."""
+
+
+WATCH_S = 2.0  # how often the block task checks its group while it waits
+
+
 def run_block(spec: BlockSpec, start_id: str | None, flow_run: str, logger) -> dict[str, Any]:
-    """Hand the block to the flow run's warm group, starting (or replacing) it when needed."""
+    """Hand the block to the flow run's warm group, starting (or replacing) it when needed.
+    Raises GroupLost (after tearing the group down) when the group cannot finish the block."""
     name = group_name(spec, flow_run)
     group = _usable_group(name, spec, logger)
     if group is None:
+        sweep(name, (), logger)  # what a group of this name that died may have left behind
         group = WarmGroup.options(name=name, namespace=NAMESPACE, lifetime="detached",
                                   get_if_exists=True).remote(_key(spec), spec.settings.warm_idle_timeout_s)
-    return ray.get(group.run_block.remote(spec.model_dump(mode="json"), start_id))
+    pgs: set[str] = set()
+    try:
+        return _wait(group, group.run_block.remote(spec.model_dump(mode="json"), start_id), pgs)
+    except GroupLost as err:
+        lost = err
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+        lost = GroupLost(f"the warm worker group's actor is gone ({type(err).__name__})")
+    except ray.exceptions.RayTaskError:
+        # The group's training failed. On a node that is leaving (drained, dead) the group cannot
+        # train again: Ray Train pins its controller and dataset manager to the node of the actor.
+        leaving = _leaving(group, pgs)
+        if not leaving:
+            raise  # a training failure: the block fails as before, and its retry reuses the group
+        lost = GroupLost(f"node {leaving[:12]} of the warm worker group is leaving and its training failed")
+    try:
+        ray.kill(group)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
+    sweep(name, pgs, logger)
+    raise lost
+
+
+def _leaving(group, pgs: set[str]) -> str | None:
+    """A node of the (answering) group that is draining or dead, if any."""
+    try:
+        state = ray.get(group.describe.remote(), timeout=30)
+        pgs.update(state["pgs"])
+        gone = set(ray._private.state.state.get_draining_nodes() or {})
+        gone |= {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
+    except Exception:  # noqa: BLE001 - cannot tell: the error stands
+        return None
+    return next(iter(sorted((set(state["nodes"]) | {state["node"]}) & gone)), None)
+
+
+def _wait(group, ref, pgs: set[str]) -> dict[str, Any]:
+    """The block's result; every WATCH_S, whether the group's actor answers and whether a node
+    that ran it or its workers died. Ray Train 2.60 does not fail a run whose node is lost: its
+    controller restarts the workers, and when the controller was on the lost node (it runs where
+    the group's actor runs) its placement group outlives it and holds the CPUs a new run needs."""
+    while True:
+        ready, _ = ray.wait([ref], timeout=WATCH_S)
+        if ready:
+            return ray.get(ready[0])
+        state = ray.get(group.describe.remote(), timeout=30)
+        pgs.update(state["pgs"])
+        dead = set(state["nodes"]) | {state["node"]}
+        dead &= {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
+        if dead:
+            raise GroupLost(f"node {sorted(dead)[0][:12]} of the warm worker group died")
 
 
 def _usable_group(name: str, spec: BlockSpec, logger):
@@ -179,6 +261,7 @@ def _usable_group(name: str, spec: BlockSpec, logger):
     ray.get(group.stop.remote())
     ray.kill(group)
     _wait_gone(name)
+    sweep(name, state.get("pgs", ()), logger)
     return None
 
 
@@ -193,10 +276,12 @@ def _wait_gone(name: str, timeout_s: float = 30) -> None:
 
 
 def join_group(spec: BlockSpec) -> BlockSpec:
-    """A worker (re)starting inside a warm group: note its process, take the block in progress
-    (after a worker-group restart that may be a later block than the one the fit began with)."""
+    """A worker (re)starting inside a warm group: note its process, node and placement group, take
+    the block in progress (after a worker-group restart that may be a later block than the one the
+    fit began with)."""
     group = ray.get_actor(spec.warm_group, namespace=NAMESPACE)
-    ray.get(group.note_pid.remote(os.getpid()))
+    pg = ray.util.get_current_placement_group()
+    ray.get(group.note_pid.remote(os.getpid(), ray.get_runtime_context().get_node_id(), pg.id.hex() if pg else None))
     current = ray.get(group.current.remote())
     if current is None:
         return spec
@@ -211,3 +296,65 @@ def fetch_command(name: str, epochs_done: int, last_id: str | None) -> dict[str,
     if command is not None:
         command["reload"] = command.get("start_id") is not None and command["start_id"] != last_id
     return command
+
+
+# ---- clean-up of a lost group -------------------------------------------------------------------
+
+def sweep(name: str, pgs, logger) -> None:
+    """Remove what a dead or abandoned group `name` left: the placement groups of its Ray Train
+    runs and their PlacementGroupCleaner actors.
+
+    Killing the group's actor takes its TrainController with it (the controller is its child,
+    on its node), and the controller's workers, sync actor and dataset manager with that. Not the
+    placement group: Ray scopes it to the job (the flow run's driver), which lives on, and leaves
+    its removal to a detached PlacementGroupCleaner that asks the state API whether the controller
+    died, so on a cluster without a dashboard neither ever goes (the placement group keeps the CPUs
+    the next fit needs, the cleaner loops for good). The actors come from the GCS tables, which
+    answer without a dashboard; a failure here is logged, never raised."""
+    try:
+        from ray.core.generated import gcs_pb2
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        accessor = ray._private.state.state._connect_and_get_accessor()
+        actors = [gcs_pb2.ActorTableData.FromString(b) for b in accessor.get_actor_table(None, None)]
+        groups = {a.address.worker_id for a in actors if a.name == name and a.class_name == "WarmGroup"}
+        controllers = [a for a in actors if a.class_name == "TrainController" and a.owner_address.worker_id in groups]
+        creators = {a.actor_id for a in controllers}
+        removed, known = gcs_pb2.PlacementGroupTableData.REMOVED, set(pgs)
+        for raw in accessor.get_placement_group_table():
+            table = gcs_pb2.PlacementGroupTableData.FromString(raw)
+            ours = table.creator_actor_id in creators or table.placement_group_id.hex() in known
+            if ours and table.state != removed:
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID(table.placement_group_id)))
+                logger.info("removed placement group %s of the lost warm worker group",
+                            table.placement_group_id.hex()[:12])
+        controller_workers = {a.address.worker_id for a in controllers}
+        alive = gcs_pb2.ActorTableData.ALIVE
+        cleaners = [a for a in actors if a.class_name == "PlacementGroupCleaner" and a.state == alive
+                    and a.owner_address.worker_id in controller_workers]
+        for cleaner in cleaners:
+            _kill_actor_process(cleaner.address.node_id.hex(), cleaner.pid, "ray::PlacementGroupCleaner")
+    except Exception as err:  # noqa: BLE001 - the block falls back either way
+        logger.warning("could not clean up after the lost warm worker group %s: %s: %s", name, type(err).__name__, err)
+
+
+def _kill_actor_process(node: str, pid: int, title: str) -> None:
+    """SIGKILL an actor's process (one this process holds no handle of) on its node; Ray marks the
+    actor dead. The process title is checked first: a pid may have been reused."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    def kill(pid: int, title: str) -> bool:
+        import signal
+
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if not f.read().startswith(title.encode()):
+                    return False
+            os.kill(pid, signal.SIGKILL)
+            return True
+        except OSError:
+            return False
+
+    task = ray.remote(num_cpus=0, max_retries=0)(kill).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+    ray.get(task.remote(pid, title), timeout=60)

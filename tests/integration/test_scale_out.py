@@ -10,6 +10,7 @@ descends from the raylet of its node (node_rank cannot tell: both nodes have the
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -26,7 +27,7 @@ import pytest
 from ckpt import CheckpointStore
 from tests.conftest import BIN, ROOT, _stop_group, _wait_http, free_port
 
-from .support import kill_group, start_baton
+from .support import kill_group, start_baton, warm_groups_alive
 from .test_deployments import flow_run, retry_like_the_ui, run_deployment, serving, wait_final
 
 pytestmark = pytest.mark.integration
@@ -268,10 +269,30 @@ def test_two_workers_on_two_nodes_of_an_existing_cluster_train_to_completion_on_
     assert "Connecting to existing Ray cluster" in text or "Connected to Ray cluster" in text
 
 
+def _ray_train_leftovers(env: dict) -> list[str]:
+    """Ray Train actors (and Baton's warm groups) still alive on the test cluster, and placement
+    groups still holding resources. GCS tables only: the cluster runs without a dashboard."""
+    code = ("import ray, json\n"
+            f"ray.init(address={env['RAY_ADDRESS']!r}, log_to_driver=False)\n"
+            "from ray.core.generated import gcs_pb2\n"
+            "acc = ray._private.state.state._connect_and_get_accessor()\n"
+            "kinds = {'WarmGroup', 'TrainController', 'RayTrainWorker', 'PlacementGroupCleaner', 'SynchronizationActor'}\n"
+            "rows = [gcs_pb2.ActorTableData.FromString(b) for b in acc.get_actor_table(None, None)]\n"
+            "out = [a.class_name for a in rows if a.class_name in kinds and a.state != gcs_pb2.ActorTableData.DEAD]\n"
+            "out += ['placement group ' + g['placement_group_id'] for g in ray.util.placement_group_table().values()\n"
+            "        if g['state'] != 'REMOVED']\n"
+            "print(json.dumps(out))")
+    out = subprocess.run([str(BIN / "python"), "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def test_a_worker_node_killed_mid_block_recovers_on_the_head_from_its_latest_checkpoint_exactly(
         two_nodes, spread_run, s3_env, s3_store, tmp_path):
     """SPREAD (best effort) puts the workers on both nodes while there are two, and both on the head
-    once the worker node is gone: the world size stays 2, so the resume is exact."""
+    once the worker node is gone: the world size stays 2, so the resume is exact. The blocks run on
+    the warm worker group (the default): the block sees the node die under its group, tears the group
+    down (actor, Ray Train run, placement group) and trains on a fresh fit from the store."""
     store, lineage, log = f"{s3_store}/runs", "nodekill", tmp_path / "train.log"
     kill: dict = {}
 
@@ -287,10 +308,8 @@ def test_a_worker_node_killed_mid_block_recovers_on_the_head_from_its_latest_che
                     at=time.monotonic())
         kill["processes"] = two_nodes.kill_node("worker")
 
-    # Cold blocks: under a warm worker group, Ray Train 2.60's controller retries the lost node's
-    # placement forever (ActorUnschedulableError, "max allowed: inf"); see README, Warm worker groups.
     placements, text, seconds = _train(two_nodes, s3_env, store, lineage, log, "--placement-strategy", "SPREAD",
-                                       "--max-failures", "1", "--block-retries", "1", "--no-warm-workers",
+                                       "--max-failures", "1", "--block-retries", "1",
                                        on_poll=kill_mid_block)
     assert kill, f"training finished before a mid-block checkpoint of block 1 was seen:\n{text[-3000:]}"
     recovered = time.monotonic() - kill["at"]
@@ -307,8 +326,18 @@ def test_a_worker_node_killed_mid_block_recovers_on_the_head_from_its_latest_che
     spread = CheckpointStore(spread_run[0]).latest("spread")
     assert final.epochs_done == 4 and final.digest == spread.digest
     assert CheckpointStore(store).verify_lineage(lineage) == []
+    # Block 1 gave up its warm group and trained on a fresh fit ...
+    lost = re.search(r"the warm worker group of nodekill is gone \((.*?)\): block 1 starts a fresh one from the store",
+                     text[kill["offset"]:])
+    assert lost, text[kill["offset"]:][-6000:]
+    # ... and nothing of the group, or of any Ray Train run, is left on the cluster.
+    deadline, left = time.monotonic() + 60, None
+    while left != [] and time.monotonic() < deadline:
+        left = _ray_train_leftovers(two_nodes.env)
+        time.sleep(0 if left == [] else 2)
+    assert left == [] and warm_groups_alive(two_nodes.env, lineage) == (0, 0), left
     how = "Prefect retried the block task" if re.search(r"Retry 1/1|AwaitingRetry", text) else \
-        "Ray Train restarted the worker group (FailureConfig)"
+        f"the block fell back to a fresh fit ({lost.group(1)})"
     print(f"\nworker node killed ({kill['processes']} processes) after checkpoint {kill['latest']}; "
           f"{how}; resumed from {resumed[0]}; done {recovered:.1f} s after the kill, run {seconds:.1f} s; "
           f"groups before {before}, after {after}")
