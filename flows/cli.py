@@ -257,11 +257,15 @@ def _run_flow(flow_fn, err: Optional[Console] = None, with_ray: bool = False, la
     err = err or err_console
     ray_started: list[bool] = []
     if with_ray:
-        from .train import start_local_ray
+        from .train import prestart_group, start_local_ray
+
+        def alongside() -> None:
+            ray_started.append(start_local_ray())
+            if ray_started[-1] and "config" in params:
+                prestart_group(params["config"])
 
     try:
-        with prefect_api(alongside=(lambda: ray_started.append(start_local_ray())) if with_ray else None,
-                         launched=launched), \
+        with prefect_api(alongside=alongside if with_ray else None, launched=launched), \
                 _shutdown_ray_after(ray_started):
             state = flow_fn(**params, return_state=True)
             if not state.is_completed():

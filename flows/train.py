@@ -62,6 +62,24 @@ def start_local_ray() -> bool:
     return True
 
 
+# lineage -> the warm worker group this process started before its flow run began (`prestart`).
+PRESTARTED: dict[str, str] = {}
+
+
+def prestart_group(config: TrainConfig) -> None:
+    """`baton train` on the local Ray it just started: start the lineage's worker group now, while
+    the Prefect server boots and the flow run begins, instead of when the first block arrives.
+    The workers set up (processes, torch, process group) and wait for the first block's command
+    (its fence, end epoch and start checkpoint); a group nobody commands ends after its idle
+    timeout. Only with warm workers on; a flow retry under a new lease replaces it as any group."""
+    if not config.warm_workers:
+        return
+    from tasks import warm
+
+    first = config.blocks(fence=0)[0]
+    PRESTARTED[config.resolved_lineage()] = warm.prestart(first, own_cluster_options())
+
+
 def own_cluster_options() -> dict:
     """Ray options that tell a block task (and the Ray Train actors it starts, which inherit its
     runtime env) the address of the cluster it runs on. Without it Ray Train's PlacementGroupCleaner
@@ -172,6 +190,8 @@ def run_training(config: TrainConfig, tags: Iterable[str] = ()) -> TrainSummary:
         with Lease(store, lineage, owner=_owner(run_name), ttl_s=config.lease_ttl_s) as lease, \
                 on_signals(store, lineage, lease.fence, flow_run.get_id()) as stop:
             for spec in config.blocks(fence=lease.fence):
+                if lineage in PRESTARTED and config.warm_workers:
+                    spec = spec.model_copy(update={"warm_group": PRESTARTED[lineage]})
                 done = ref.epochs_done if ref else 0
                 if stop.reason is not None and (ref is None or ref.epochs_done < spec.end_epoch):
                     raise _stopped_between_blocks(store, lineage)

@@ -203,7 +203,7 @@ def _run_warm(spec: BlockSpec, store: CheckpointStore, start: Manifest | None, f
     starts a fresh fit from the store."""
     from . import warm
 
-    named = spec.model_copy(update={"warm_group": warm.group_name(spec, flow_run)})
+    named = spec.model_copy(update={"warm_group": spec.warm_group or warm.group_name(spec, flow_run)})
     try:
         with _CommitWatcher(store, spec.lineage, logger, policy=spec.settings.prune,
                             worker_logs=_WorkerLogs.open(logger)):
@@ -220,7 +220,8 @@ def _run_warm(spec: BlockSpec, store: CheckpointStore, start: Manifest | None, f
         if preempted is not None:
             raise preempted from None
         raise
-    how = "a new worker group" if result["fresh"] else "the warm worker group, no restart"
+    how = ("the worker group started with the run" if result.get("prestarted") else
+           "a new worker group" if result["fresh"] else "the warm worker group, no restart")
     logger.info("block %d trained on %s (worker pids %s)", spec.index, how, ", ".join(map(str, result["pids"])))
     return _reached(spec, store)
 
@@ -252,7 +253,7 @@ def run_block(spec: BlockSpec, logger) -> tuple[CheckpointRef, bool]:
             return ref, True
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config=spec.model_dump(mode="json"),
+        train_loop_config=spec.model_copy(update={"warm_group": None}).model_dump(mode="json"),
         scaling_config=_scaling(spec),
         datasets=_datasets(spec),
         run_config=RunConfig(name=f"baton-{spec.lineage}-block{spec.index}-{uuid.uuid4().hex[:8]}",

@@ -77,6 +77,7 @@ class WarmGroup:
         self._fit: threading.Thread | None = None
         self._error: str | None = None
         self._stopping, self._active = False, time.monotonic()
+        self._prestarted = False
         threading.Thread(target=self._watchdog, daemon=True, name="warm-watchdog").start()
 
     # ---- the block task's side
@@ -91,10 +92,13 @@ class WarmGroup:
         spec = BlockSpec.model_validate(config)
         with self._cond:
             self._active = time.monotonic()
+            if self.key.get("fence") is None:  # prestarted: the first block brings the lease's fence
+                self.key = {**self.key, "fence": spec.fence}
             self._target = {"index": spec.index, "end_epoch": spec.end_epoch, "fence": spec.fence,
                             "start_id": start_id, "last": spec.last}
-            fresh = not self._running()
-            if fresh:
+            start = not self._running()
+            fresh = start or self._reached == 0  # the group's first block (started now, or prestarted)
+            if start:
                 self._error, self._reached = None, 0
                 self._fit = threading.Thread(target=self._train, args=(config,), daemon=True, name="warm-fit")
                 self._fit.start()
@@ -103,8 +107,18 @@ class WarmGroup:
                 self._cond.wait(1.0)
             self._active = time.monotonic()
             if self._reached >= spec.end_epoch:
-                return {"fresh": fresh, "pids": sorted(self._pids), "checkpoint": self._last_id}
+                return {"fresh": fresh, "prestarted": fresh and self._prestarted and not start,
+                        "pids": sorted(self._pids), "checkpoint": self._last_id}
             raise RuntimeError(self._error or f"the worker group ended before epoch {spec.end_epoch} was committed")
+
+    def prestart(self, config: dict[str, Any]) -> None:
+        """Start the Ray Train run now; its workers wait in `first_command` for the first block."""
+        with self._cond:
+            if not self._running():
+                self._prestarted = True
+                self._error, self._reached = None, 0
+                self._fit = threading.Thread(target=self._train, args=(config,), daemon=True, name="warm-fit")
+                self._fit.start()
 
     def stop(self) -> None:
         with self._cond:
@@ -135,6 +149,15 @@ class WarmGroup:
     def current(self) -> dict[str, Any] | None:
         """The block in progress, for workers that (re)started inside it."""
         with self._cond:
+            return dict(self._target) if self._target else None
+
+    def first_command(self) -> dict[str, Any] | None:
+        """Workers of a prestarted group: the first block, once it comes. None: none came within
+        the idle timeout (the flow never began), and the group ends untrained."""
+        with self._cond:
+            deadline = time.monotonic() + self.idle_timeout_s
+            while self._target is None and not self._stopping and time.monotonic() < deadline:
+                self._cond.wait(1.0)
             return dict(self._target) if self._target else None
 
     def note_pid(self, pid: int, node: str | None = None, pg: str | None = None) -> None:
@@ -192,7 +215,7 @@ WATCH_S = 2.0  # how often the block task checks its group while it waits
 def run_block(spec: BlockSpec, start_id: str | None, flow_run: str, logger) -> dict[str, Any]:
     """Hand the block to the flow run's warm group, starting (or replacing) it when needed.
     Raises GroupLost (after tearing the group down) when the group cannot finish the block."""
-    name = group_name(spec, flow_run)
+    name = spec.warm_group or group_name(spec, flow_run)
     group = _usable_group(name, spec, logger)
     if group is None:
         sweep(name, (), logger)  # what a group of this name that died may have left behind
@@ -255,7 +278,8 @@ def _usable_group(name: str, spec: BlockSpec, logger):
         state = ray.get(group.describe.remote(), timeout=30)
     except (ValueError, ray.exceptions.RayError):
         return None  # none yet, or gone
-    if state["key"] == _key(spec):
+    key = state["key"] if state["key"].get("fence") is not None else {**state["key"], "fence": spec.fence}
+    if key == _key(spec):
         return group
     logger.info("the warm worker group of %s was started under another lease or config: replacing it", spec.lineage)
     ray.get(group.stop.remote())
@@ -275,17 +299,28 @@ def _wait_gone(name: str, timeout_s: float = 30) -> None:
         time.sleep(0.2)
 
 
-def join_group(spec: BlockSpec) -> BlockSpec:
+def join_group(spec: BlockSpec) -> BlockSpec | None:
     """A worker (re)starting inside a warm group: note its process, node and placement group, take
     the block in progress (after a worker-group restart that may be a later block than the one the
-    fit began with)."""
+    fit began with). In a prestarted group, wait for the first block; None: it never came."""
     group = ray.get_actor(spec.warm_group, namespace=NAMESPACE)
     pg = ray.util.get_current_placement_group()
     ray.get(group.note_pid.remote(os.getpid(), ray.get_runtime_context().get_node_id(), pg.id.hex() if pg else None))
-    current = ray.get(group.current.remote())
+    current = ray.get(group.current.remote()) or ray.get(group.first_command.remote())
     if current is None:
-        return spec
+        return None
     return spec.model_copy(update={k: current[k] for k in ("index", "end_epoch", "fence", "last")})
+
+
+def prestart(spec: BlockSpec, options: dict[str, Any]) -> str:
+    """Start a worker group for `spec`'s training before its flow run holds the lease (fence not
+    yet known): the Ray Train run starts now and its workers wait for the first block. Returns the
+    group's name, for the flow's blocks (BlockSpec.warm_group)."""
+    name = f"baton-warm-{spec.lineage}-start-{uuid.uuid4().hex[:8]}"
+    group = WarmGroup.options(name=name, namespace=NAMESPACE, lifetime="detached", **options).remote(
+        {**_key(spec), "fence": None}, spec.settings.warm_idle_timeout_s)
+    group.prestart.remote(spec.model_copy(update={"warm_group": name}).model_dump(mode="json"))
+    return name
 
 
 def fetch_command(name: str, epochs_done: int, last_id: str | None) -> dict[str, Any] | None:

@@ -31,7 +31,10 @@ def worker_loop(config: dict[str, Any]) -> None:
     if spec.warm_group:
         from .warm import join_group
 
-        spec = join_group(spec)
+        joined = join_group(spec)
+        if joined is None:
+            return  # a prestarted group whose first block never came: end untrained
+        spec = joined
     context = ray.train.get_context()
     device = ray.train.torch.get_device() if spec.settings.gpus_per_worker else torch.device("cpu")
     ctx = TrainContext(spec, context.get_world_rank(), context.get_world_size(),

@@ -114,6 +114,8 @@ def test_two_runs_side_by_side_each_on_its_own_local_ray_complete_with_no_traceb
         assert run.returncode == 0, stdout[-3000:] + stderr[-3000:]
         full = _log_file(stderr).read_text()
         assert "Started a local Ray instance" in full  # each had its own cluster
+        # ...and started its worker group with it, while the flow run began (the block then used it).
+        assert "block 0 trained on the worker group started with the run" in full, full[-4000:]
         assert "Found multiple active Ray instances" not in full and "Traceback" not in full, full[-4000:]
 
 
