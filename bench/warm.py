@@ -25,7 +25,7 @@ from ._common import Result, median
 from .flow import BIN, ROOT
 
 EPOCHS, BLOCKS = 8, 4
-OPTIONS = {"width": 96, "layers": 2, "heads": 4, "context": 64, "batch": 16, "accumulate": 2, "windows": 4096}
+OPTIONS = {"width": 96, "layers": 2, "heads": 4, "context": 64, "batch": 16, "accumulate": 2, "windows": 6144}
 
 
 def _env(work: Path) -> dict[str, str]:
