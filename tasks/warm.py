@@ -112,7 +112,7 @@ class WarmGroup:
             raise RuntimeError(self._error or f"the worker group ended before epoch {spec.end_epoch} was committed")
 
     def prestart(self, config: dict[str, Any]) -> None:
-        """Start the Ray Train run now; its workers wait in `first_command` for the first block."""
+        """Start the Ray Train run now; its workers wait in `join_group` for the first block."""
         with self._cond:
             if not self._running():
                 self._prestarted = True
@@ -149,15 +149,6 @@ class WarmGroup:
     def current(self) -> dict[str, Any] | None:
         """The block in progress, for workers that (re)started inside it."""
         with self._cond:
-            return dict(self._target) if self._target else None
-
-    def first_command(self) -> dict[str, Any] | None:
-        """Workers of a prestarted group: the first block, once it comes. None: none came within
-        the idle timeout (the flow never began), and the group ends untrained."""
-        with self._cond:
-            deadline = time.monotonic() + self.idle_timeout_s
-            while self._target is None and not self._stopping and time.monotonic() < deadline:
-                self._cond.wait(1.0)
             return dict(self._target) if self._target else None
 
     def note_pid(self, pid: int, node: str | None = None, pg: str | None = None) -> None:
@@ -306,9 +297,15 @@ def join_group(spec: BlockSpec) -> BlockSpec | None:
     group = ray.get_actor(spec.warm_group, namespace=NAMESPACE)
     pg = ray.util.get_current_placement_group()
     ray.get(group.note_pid.remote(os.getpid(), ray.get_runtime_context().get_node_id(), pg.id.hex() if pg else None))
-    current = ray.get(group.current.remote()) or ray.get(group.first_command.remote())
-    if current is None:
-        return None
+    # A prestarted group's workers poll for the first block rather than each holding one of the
+    # actor's few concurrent calls while they wait (with many workers the block could not get in).
+    deadline = time.monotonic() + spec.settings.warm_idle_timeout_s
+    current = ray.get(group.current.remote())
+    while current is None:
+        if time.monotonic() > deadline:
+            return None  # the flow run never began: the group ends untrained
+        time.sleep(0.2)
+        current = ray.get(group.current.remote())
     return spec.model_copy(update={k: current[k] for k in ("index", "end_epoch", "fence", "last")})
 
 
