@@ -214,12 +214,16 @@ def run_training(config: TrainConfig, tags: Iterable[str] = ()) -> TrainSummary:
             logger.warning("cancelled: %s", message)
             return Cancelled(message=message)
         raise
+    blocks_done = time.monotonic()
     summary = TrainSummary(lineage=lineage, store=store.url, epochs=config.epochs,
                            epochs_trained=max(0, (ref.epochs_done if ref else 0) - epochs_before),
-                           blocks_trained=blocks_trained, final=ref, wall_time_s=time.monotonic() - started)
+                           blocks_trained=blocks_trained, final=ref,
+                           wall_time_s=blocks_done - started)
     _log_summary(logger, summary)
     publish_run(store, summary)
-    time.sleep(2 * WORKER_LOG_BATCH_S)  # the last block's "done" and "Completed" lines, to the UI
+    # The last block's "done" and "Completed" lines, to the UI: two log batches after the block
+    # ended, of which publishing the artifacts (~1 s) already waited part.
+    time.sleep(max(0.0, 2 * WORKER_LOG_BATCH_S - (time.monotonic() - blocks_done)))
     return summary
 
 
