@@ -54,23 +54,16 @@ def withdraw_notice(store: CheckpointStore, lineage: str, fence: int) -> None:
         pass
 
 
-class NoticeWatcher:
-    """Rank 0: polls for a notice every `interval_s` on a daemon thread (a stat every 0.1 s on a
-    local store, a HEAD every 0.25 s on S3), so the training step only reads a flag."""
+class _Watcher:
+    """Polls for a reason to stop every `interval_s` on a daemon thread, so a training step only
+    reads a flag. Subclasses say how in `_poll` (True once seen)."""
 
-    def __init__(self, store: CheckpointStore, lineage: str, fence: int, interval_s: float | None = None,
-                 lease_every_s: float = 1.0):
-        if interval_s is None:
-            interval_s = 0.1 if store.is_local else 0.25
-        self.path, self.fs, self.interval_s = notice_path(store, lineage, fence), store.fs, interval_s
-        self.store, self.lineage, self.fence = store, lineage, fence
-        self._lease_every_s, self._lease_checked = lease_every_s, float("-inf")
+    def __init__(self, interval_s: float, name: str):
+        self.interval_s = interval_s
         self.reason: str | None = None
         self._seen = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="baton-preempt-watch")
-        if not self._poll():  # a notice given while the block started counts from the first step
-            self._thread.start()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name=name)
 
     @property
     def requested(self) -> bool:
@@ -79,6 +72,28 @@ class NoticeWatcher:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s) and not self._poll():
             pass
+
+    def _poll(self) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class NoticeWatcher(_Watcher):
+    """Rank 0: polls for a notice every `interval_s` on a daemon thread (a stat every 0.1 s on a
+    local store, a HEAD every 0.25 s on S3), so the training step only reads a flag."""
+
+    def __init__(self, store: CheckpointStore, lineage: str, fence: int, interval_s: float | None = None,
+                 lease_every_s: float = 1.0):
+        if interval_s is None:
+            interval_s = 0.1 if store.is_local else 0.25
+        super().__init__(interval_s, "baton-preempt-watch")
+        self.path, self.fs = notice_path(store, lineage, fence), store.fs
+        self.store, self.lineage, self.fence = store, lineage, fence
+        self._lease_every_s, self._lease_checked = lease_every_s, float("-inf")
+        if not self._poll():  # a notice given while the block started counts from the first step
+            self._thread.start()
 
     def _poll(self) -> bool:
         try:
@@ -111,9 +126,6 @@ class NoticeWatcher:
         self._seen.set()
         return True
 
-    def close(self) -> None:
-        self._stop.set()
-
 
 def clean_message(error: BaseException) -> str | None:
     """The Preempted line inside an error that crossed Ray (a worker's, wrapped by Ray Train)."""
@@ -124,7 +136,7 @@ def clean_message(error: BaseException) -> str | None:
     return text[at:].splitlines()[0].strip()
 
 
-class DrainWatch:
+class DrainWatch(_Watcher):
     """Every rank under Ray: is this rank's own node being drained (`ray drain-node`, an autoscaler's
     spot or preemption drain)? Polled once a second on a daemon thread, so the step reads a flag.
 
@@ -138,24 +150,12 @@ class DrainWatch:
     def __init__(self, store: CheckpointStore, lineage: str, fence: int, rank: int, interval_s: float = 1.0):
         import ray
 
+        super().__init__(interval_s, "baton-drain-watch")
         self.store, self.lineage, self.fence, self.rank = store, lineage, fence, rank
         self.node = ray.get_runtime_context().get_node_id()
-        self.interval_s = interval_s
-        self.reason: str | None = None
         self.deadline: float | None = None  # time.time() of the drain's deadline, if it has one
         self.seen_at = 0.0
-        self._seen = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="baton-drain-watch")
         self._thread.start()
-
-    @property
-    def requested(self) -> bool:
-        return self._seen.is_set()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s) and not self._poll():
-            pass
 
     def _poll(self) -> bool:
         try:
@@ -180,9 +180,6 @@ class DrainWatch:
             log.warning("could not write the drain notice to the store: %s", err)
         self._seen.set()
         return True
-
-    def close(self) -> None:
-        self._stop.set()
 
 
 def store_has_notice(store: CheckpointStore, lineage: str, fence: int) -> bool:
