@@ -62,7 +62,7 @@ def main(address: str, storage: str, blocks: int) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from tasks.block import RAY_TRAIN_ENV
+    from tasks.trainer import RAY_TRAIN_ENV
 
     ray.init(address=address, runtime_env={"env_vars": dict(RAY_TRAIN_ENV)}, log_to_driver=False)
     resume, fits = None, []

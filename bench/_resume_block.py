@@ -15,8 +15,8 @@ import sys
 import time
 
 from tasks.recipes import RecipeParams
-from tasks.settings import TrainSettings
-from tasks.spec import BlockSpec
+from tasks.runtime.settings import TrainSettings
+from tasks.runtime.spec import BlockSpec
 
 
 def _first_step_after(times_file: str, started: float) -> float:
@@ -30,7 +30,8 @@ def _first_step_after(times_file: str, started: float) -> float:
 def main(address: str, store: str, reps: int, width: int) -> None:
     import ray
 
-    from tasks.block import RAY_TRAIN_ENV, run_block
+    from tasks.block import bring_lineage_to_block_end as run_block
+    from tasks.trainer import RAY_TRAIN_ENV
 
     ray.init(address=address, runtime_env={"env_vars": dict(RAY_TRAIN_ENV)}, log_to_driver=False)
     logger = logging.getLogger("bench")

@@ -92,7 +92,7 @@ def _plain_main(address: str, storage: str, epochs: int = EPOCHS, options: dict 
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from tasks.block import RAY_TRAIN_ENV
+    from tasks.trainer import RAY_TRAIN_ENV
 
     ray.init(address=None if address == "local" else address, runtime_env={"env_vars": dict(RAY_TRAIN_ENV)},
              log_to_driver=False)

@@ -64,8 +64,9 @@ def _step_and_save(marks: list[tuple[float, bool]]) -> tuple[float, float]:
 
 def _one(folder: str, lineage: str, rng: random.Random) -> dict[str, float]:
     from flows.config import TrainConfig
-    from tasks.preempt import Preempted, on_signals
-    from tasks.worker import run_local
+    from flows.signals import on_signals
+    from tasks.errors import Preempted
+    from tasks.runtime.worker import run_local
 
     from ckpt import CheckpointStore
 

@@ -3,7 +3,7 @@
 The figure is measured on real blocks (`bench._resume_block`: Baton's `run_block`, a `TorchTrainer`
 running Baton's worker loop on a Ray cluster started for the benchmark), fresh blocks alternating with
 blocks that resume a 256 MiB checkpoint. The detail also shows the part of it that differs, measured
-in-process on Baton's worker code (`tasks.worker._build`, world size 1): from entering the worker
+in-process on Baton's worker code (`tasks.runtime.worker`, world size 1): from entering the worker
 loop to the first forward pass, which for a resume includes listing, reading, verifying and decoding
 the checkpoint and loading it into model and optimizer.
 """
@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from ckpt import CheckpointStore
-from tasks.context import TrainContext
+from tasks.runtime.context import TrainContext
 from tasks.recipes import RecipeParams, load_recipe
-from tasks.settings import TrainSettings
-from tasks.spec import BlockSpec
-from tasks.worker import run_local
+from tasks.runtime.settings import TrainSettings
+from tasks.runtime.spec import BlockSpec
+from tasks.runtime.worker import run_local
 
 from ._common import MiB, Result, median
 

@@ -31,7 +31,7 @@ from prefect.runtime import flow_run
 from ckpt import CheckpointStore, LeaseRecord, Manifest
 
 if TYPE_CHECKING:
-    from .train import TrainSummary
+    from .config import TrainSummary
 
 __all__ = ["TrainProgress", "artifact_key", "committed_by", "line_chart_png", "lineage_markdown",
            "failure_status", "publish_failure", "publish_run"]
@@ -179,9 +179,9 @@ def publish_failure(store: CheckpointStore, lineage: str, epochs: int, error: Ba
 
 def failure_status(run: str, error: BaseException, cancelled: bool = False) -> str:
     """The lineage page's status line for a run that did not complete."""
-    from tasks.preempt import clean_message
+    from tasks.errors import preempted_in
 
-    stopped = clean_message(error)
+    stopped = preempted_in(error)
     if stopped is None:
         return f"Run `{run}` **failed**: {error_text(error)}"
     if cancelled:

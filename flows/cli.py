@@ -380,7 +380,7 @@ def preempt(
     """Ask the run training LINEAGE to checkpoint the step it is at and stop (for a spot-instance
     notice handler or a Kubernetes preStop hook); a rerun or Retry resumes there."""
     from ckpt import CheckpointStore, Lease
-    from tasks.preempt import give_notice
+    from tasks.runtime.stop import give_notice
 
     st = CheckpointStore(store)
     holder = Lease.current(st, lineage)

@@ -1,6 +1,6 @@
 """Training configuration: the `config` parameter of the `train` flow.
 
-`TrainConfig` is the run settings (`tasks.settings.TrainSettings`, what the workers need) plus the
+`TrainConfig` is the run settings (`tasks.runtime.settings.TrainSettings`, what the workers need) plus the
 flow's own fields. Field names are the command-line flags (`epochs_per_block`: `--epochs-per-block`).
 """
 
@@ -16,9 +16,10 @@ import time
 from pydantic import BaseModel, Field, field_validator
 
 from ckpt import CheckpointRef, CheckpointStore, InvalidName, validate_name
-from tasks.recipes import RecipeError, RecipeParams, load_recipe
-from tasks.settings import DEFAULT_RECIPE, TrainSettings
-from tasks.spec import BlockSpec
+from tasks.runtime.errors import RecipeError
+from tasks.runtime.recipes import RecipeParams, load_recipe
+from tasks.runtime.settings import DEFAULT_RECIPE, TrainSettings
+from tasks.runtime.spec import BlockSpec
 
 __all__ = ["DEFAULT_RECIPE", "TrainConfig", "TrainSummary", "safe_lineage"]
 
@@ -66,7 +67,8 @@ class TrainConfig(TrainSettings):
     @classmethod
     def _loop_imports(cls, value: str | None) -> str | None:
         if value is not None:
-            from tasks.worker import LoopNotFound, load_loop
+            from tasks.runtime.errors import LoopNotFound
+            from tasks.runtime.worker import load_loop
 
             try:
                 with _cwd_importable():
@@ -144,7 +146,7 @@ def already_trained(config: TrainConfig) -> TrainSummary | None:
     latest = store.latest(lineage)
     if latest is None or latest.epochs_done < config.epochs:
         return None
-    from tasks.context import newest_good
+    from tasks.runtime.resume import newest_good
 
     good, _ = newest_good(store, lineage)
     if good is None or good.epochs_done < config.epochs:

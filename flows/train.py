@@ -13,13 +13,14 @@ from prefect_ray import RayTaskRunner
 from prefect_ray.context import remote_options
 
 from ckpt import CheckpointStore, Lease
-from tasks import train_block
-from tasks.preempt import MARKER, Preempted, clean_message, on_signals
-from tasks.block import RAY_TRAIN_ENV
+from tasks.block import train_block
+from tasks.errors import Preempted, preempted_in
+from tasks.trainer import RAY_TRAIN_ENV
 
 from .artifacts import TrainProgress, publish_failure, publish_run
 from .config import TrainConfig, TrainSummary
 from .served import describe, served
+from .signals import on_signals
 
 
 # Storage credentials and endpoint travel with the job to the Ray workers that read and write the
@@ -41,7 +42,7 @@ def ray_init_kwargs() -> dict:
     env.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", str(WORKER_LOG_BATCH_S))
     env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
     # Every worker process of the job relays its baton.worker lines to the block task (and so to the UI).
-    return {"runtime_env": {"env_vars": env, "worker_process_setup_hook": "tasks._log_relay.install"},
+    return {"runtime_env": {"env_vars": env, "worker_process_setup_hook": "tasks.runtime.log_relay.install"},
             "log_to_driver": True}
 
 
@@ -206,13 +207,13 @@ def run_training(config: TrainConfig, tags: Iterable[str] = ()) -> TrainSummary:
         progress.update_from(store)
         publish_failure(store, lineage, config.epochs, err, cancelled=stop is not None and stop.cancelled)
         time.sleep(2 * WORKER_LOG_BATCH_S)  # the failed block's last lines, to the UI
-        message = clean_message(err)
-        if stop is not None and stop.cancelled and message is not None:
+        preempted = preempted_in(err)
+        if stop is not None and stop.cancelled and preempted is not None:
             # Cancelled, not Failed: what a person who pressed Cancel expects to read.
             from prefect.states import Cancelled
 
-            logger.warning("cancelled: %s", message)
-            return Cancelled(message=message)
+            logger.warning("cancelled: %s", preempted)
+            return Cancelled(message=str(preempted))
         raise
     blocks_done = time.monotonic()
     summary = TrainSummary(lineage=lineage, store=store.url, epochs=config.epochs,
@@ -231,9 +232,8 @@ def _stopped_between_blocks(store: CheckpointStore, lineage: str) -> Preempted:
     """A notice that came after a block ended: the next block does not start."""
     latest = store.latest(lineage)
     if latest is None:
-        return Preempted(f"{MARKER} 0 step 0, before the first checkpoint; a rerun or Retry starts over")
-    return Preempted(f"{MARKER} {latest.epoch} step {latest.step} (between blocks); checkpoint {latest.id} "
-                     "committed; a rerun or Retry resumes there")
+        return Preempted()
+    return Preempted(latest.epoch, latest.step, latest.id, where="between blocks")
 
 
 def _log_summary(logger, summary: TrainSummary) -> None:

@@ -1,14 +1,14 @@
-"""Prefect tasks that run on Ray (the epoch-block task, the prune task) and the worker side: the
-`ctx` API a user's `train_loop(ctx)` uses, the built-in recipe loop, the Ray Train worker entry."""
+"""Prefect tasks that run on Ray (the epoch-block task, the prune task), the warm worker group and
+the block's side of it. The code that runs inside Ray Train workers is `tasks.runtime`."""
 
 from importlib import import_module
 
-__all__ = ["BlockSpec", "Data", "FailureInjection", "LoopError", "Recipe", "RecipeParams", "TrainContext",
-           "load_recipe", "run_local", "train_block"]
-_WHERE = {"BlockSpec": "tasks.spec", "FailureInjection": "tasks.spec", "Data": "tasks.recipes",
+__all__ = ["BlockSpec", "Data", "FailureInjection", "LoopError", "Preempted", "Recipe", "RecipeParams", "TaskError",
+           "TrainContext", "load_recipe", "run_local", "train_block"]
+_WHERE = {"BlockSpec": "tasks.runtime.spec", "FailureInjection": "tasks.runtime.spec", "Data": "tasks.recipes",
           "Recipe": "tasks.recipes", "RecipeParams": "tasks.recipes", "load_recipe": "tasks.recipes",
-          "LoopError": "tasks.context", "TrainContext": "tasks.context", "run_local": "tasks.worker",
-          "train_block": "tasks.block"}
+          "LoopError": "tasks.errors", "Preempted": "tasks.errors", "TaskError": "tasks.errors",
+          "TrainContext": "tasks.runtime.context", "run_local": "tasks.runtime.worker", "train_block": "tasks.block"}
 
 
 def __getattr__(name: str):

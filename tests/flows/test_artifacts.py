@@ -81,10 +81,19 @@ def test_a_failed_worker_group_is_told_by_the_error_of_the_rank_that_failed():
 
 def test_the_status_line_tells_a_failure_a_cancel_and_a_preemption_apart():
     from flows.artifacts import failure_status
-    from tasks.preempt import Preempted
+    from tasks.errors import Preempted
 
-    stop = "preempted at epoch 1 step 12; checkpoint 000001-0000000012 committed; a rerun or Retry resumes there"
-    wrapped = RuntimeError(f"Training failed on rank 0:\n  tasks.preempt.Preempted: {stop}\nmore")
+    from ray.exceptions import RayTaskError
+
+    preempted = Preempted(1, 12, "000001-0000000012")
+    stop = "preempted at epoch 1 step 12 (step); checkpoint 000001-0000000012 committed; a rerun or Retry resumes there"
+    assert str(preempted) == stop
+    wrapped = RuntimeError("Training failed on rank 0")
+    wrapped.__cause__ = preempted
+    across_ray = RayTaskError("ray::train_block()", "Traceback ...", preempted).as_instanceof_cause()
     assert failure_status("run-a", RuntimeError("boom")) == "Run `run-a` **failed**: RuntimeError: boom"
     assert failure_status("run-a", wrapped, cancelled=True) == f"Run `run-a` was **cancelled**: {stop}"
-    assert failure_status("run-a", Preempted(stop)) == f"Run `run-a` **stopped** on a preemption notice: {stop}"
+    assert failure_status("run-a", preempted) == f"Run `run-a` **stopped** on a preemption notice: {stop}"
+    assert failure_status("run-a", across_ray) == f"Run `run-a` **stopped** on a preemption notice: {stop}"
+    # Recognised by type only: the same words in another error's text are a failure.
+    assert "**failed**" in failure_status("run-a", RuntimeError(f"Training failed:\n  Preempted: {stop}"))

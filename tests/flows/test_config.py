@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.config import TrainConfig
-from tasks.settings import TrainSettings
+from tasks.runtime.settings import TrainSettings
 
 runner = CliRunner()
 
@@ -81,7 +81,7 @@ def test_a_config_file_of_the_wrong_shape_or_type_is_refused_with_a_message(tmp_
 def test_a_rerun_of_a_finished_lineage_answers_from_the_store_without_a_server(tmp_path):
     from ckpt import CheckpointStore
     from flows.config import already_trained
-    from tasks.worker import run_local
+    from tasks.runtime.worker import run_local
 
     config = TrainConfig(store=str(tmp_path), lineage="done", workers=1, epochs=2, epochs_per_block=1)
     assert already_trained(config) is None

@@ -97,7 +97,7 @@ def test_a_failed_run_says_once_what_failed_and_where_the_same_command_resumes(c
     terminal = out.stdout + out.stderr
     assert "Traceback" not in terminal and "ray::" not in terminal and "\x1b[" not in terminal, terminal
     failures = [line for line in out.stderr.splitlines() if "failure injection" in line]
-    assert failures == ["train failed: RuntimeError: failure injection: rank 0 fails at batch of epoch 1 batch 2"], \
+    assert failures == ["train failed: InjectedFailure: failure injection: rank 0 fails at batch of epoch 1 batch 2"], \
         out.stderr
     assert "the latest committed checkpoint of failing is 000000-0000000004 (epoch 0, step 4); the same command " \
            "resumes there" in out.stderr

@@ -11,7 +11,7 @@ import time
 
 def main(store: str, lineage: str, fields: str) -> None:
     from flows.config import TrainConfig
-    from tasks.worker import run_local
+    from tasks.runtime.worker import run_local
 
     started = time.perf_counter()
     config = TrainConfig(store=store, lineage=lineage, **json.loads(fields))

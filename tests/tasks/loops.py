@@ -109,7 +109,7 @@ def ray_data(ctx) -> None:
 
 def notice_on_last_batch(ctx) -> None:
     """Gives itself a preemption notice on the last batch of epoch 0 (and waits for the watcher)."""
-    from tasks.preempt import give_notice
+    from tasks.runtime.stop import give_notice
 
     model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)

@@ -25,7 +25,8 @@ import tasks
 from ckpt import CheckpointStore, RetentionPolicy, decode, prune
 from ckpt.state import META_FILE, MODEL_FILE, TENSORS_FILE
 from flows.config import TrainConfig
-from tasks.worker import run_local
+from tasks.errors import InjectedFailure
+from tasks.runtime.worker import run_local
 
 DIGITS = dict(recipe="tasks.recipes:digits", epochs_per_block=1, checkpoint_every_steps=15)
 # The default recipe (a linear model, 8 steps an epoch) for the property test: a few ms an epoch.
@@ -175,7 +176,7 @@ def test_training_corruption_cleanup_and_kills_in_any_order_never_lose_the_newes
             fail = {"epoch": step[1] % epochs, "batch": step[2]}
             try:
                 _train(store.url, lineage, epochs=epochs, fail=fail, **LINEAR)
-            except RuntimeError as err:
+            except InjectedFailure as err:
                 assert "failure injection" in str(err)
         elif step[0] == "corrupt" and (committed := store.list(lineage)):
             path = _file(store, lineage, committed[step[1] % len(committed)].id, step[2])
@@ -201,8 +202,8 @@ def test_training_corruption_cleanup_and_kills_in_any_order_never_lose_the_newes
 
 # ---- errors across Ray -------------------------------------------------------------------------
 def _task_errors() -> list[type]:
-    for module in pkgutil.iter_modules(tasks.__path__):
-        importlib.import_module(f"tasks.{module.name}")
+    for module in pkgutil.walk_packages(tasks.__path__, "tasks."):
+        importlib.import_module(module.name)
     found, todo = set(), [Exception]
     while todo:
         for cls in todo.pop().__subclasses__():
@@ -214,8 +215,16 @@ def _task_errors() -> list[type]:
 
 def test_the_named_exception_classes_of_tasks_are_all_found():
     names = {f"{c.__module__}.{c.__name__}" for c in _task_errors()}
-    assert {"tasks.context.LoopError", "tasks.context.NonFiniteMetric", "tasks.worker.LoopNotFound",
-            "tasks.block.NotEnoughResources", "tasks.recipes.RecipeError"} <= names
+    assert {"tasks.runtime.errors.LoopError", "tasks.runtime.errors.NonFiniteMetric",
+            "tasks.runtime.errors.LoopNotFound", "tasks.errors.NotEnoughResources",
+            "tasks.runtime.errors.RecipeError", "tasks.runtime.errors.Preempted", "tasks.errors.GroupLost"} <= names
+
+
+def test_every_exception_class_of_tasks_has_one_root():
+    from tasks.errors import TaskError
+
+    strays = [f"{c.__module__}.{c.__name__}" for c in _task_errors() if not issubclass(c, TaskError)]
+    assert strays == []
 
 
 @pytest.mark.parametrize("cls", _task_errors(), ids=lambda c: f"{c.__module__}.{c.__name__}")

@@ -11,9 +11,9 @@ import pytest
 
 from ckpt import CheckpointStore
 from flows.config import TrainConfig
-from tasks.context import LoopError
-from tasks.faults import OMIT_STATE_ENV
-from tasks.worker import run_local
+from tasks.errors import InjectedFailure, LoopError
+from tasks.runtime.faults import OMIT_STATE_ENV
+from tasks.runtime.worker import run_local
 
 
 def _train(store: Path, lineage: str, **fields):
@@ -27,7 +27,7 @@ def _train(store: Path, lineage: str, **fields):
 
 
 def _train_until_failure(store: Path, lineage: str, **fields):
-    with pytest.raises(RuntimeError, match="failure injection"):
+    with pytest.raises(InjectedFailure, match="failure injection"):
         _train(store, lineage, **fields)
 
 
@@ -101,7 +101,7 @@ def test_a_loop_that_cannot_be_imported_is_refused_by_the_config_naming_the_fiel
 
 
 def test_a_non_finite_loss_stops_the_block_and_commits_nothing_from_that_step(tmp_path):
-    from tasks.context import NonFiniteMetric
+    from tasks.errors import NonFiniteMetric
 
     with pytest.raises(NonFiniteMetric, match="Lower the learning rate"):
         _train(tmp_path, "diverged", recipe="tasks.recipes:digits", lr=1e30, epochs=2, checkpoint_every_steps=2)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from ckpt import CheckpointStore
-from tasks.preempt import Preempted, give_notice, withdraw_notice
+from tasks.errors import Preempted
+from tasks.runtime.stop import give_notice, withdraw_notice
 
 from .test_loop import _train
 
@@ -54,7 +55,7 @@ def test_a_notice_on_an_epochs_last_batch_stops_right_after_the_epoch_end_commit
 
 def test_without_ctx_loader_a_notice_stops_at_once_and_says_where_the_rerun_resumes(tmp_path):
     give_notice(CheckpointStore(str(tmp_path)), "plain", 0, "test")
-    with pytest.raises(Preempted, match="resumes at the last committed checkpoint"):
+    with pytest.raises(Preempted, match="before the first checkpoint; a rerun or Retry starts over"):
         _train(tmp_path, "plain", loop="tests.tasks.loops:plain_loader", epochs=1)
 
 
@@ -63,7 +64,7 @@ def test_baton_preempt_gives_the_lease_holder_notice_and_refuses_when_nobody_tra
 
     from ckpt import Lease
     from flows.cli import app
-    from tasks.preempt import notice_path
+    from tasks.runtime.stop import notice_path
 
     st = CheckpointStore(str(tmp_path))
     assert CliRunner().invoke(app, ["preempt", str(tmp_path), "idle"]).exit_code == 1
@@ -79,7 +80,7 @@ def test_workers_whose_flow_process_died_commit_the_step_they_are_at_and_stop(tm
     import sys
 
     from flows.config import TrainConfig
-    from tasks.worker import run_local
+    from tasks.runtime.worker import run_local
 
     # A flow process that took the lease and died without releasing it (SIGKILL leaves it so).
     code = ("import sys; from ckpt import CheckpointStore, Lease; "
@@ -96,8 +97,8 @@ SAVING = """
 import sys
 from ckpt import CheckpointStore
 from flows.config import TrainConfig
-from tasks.preempt import on_signals
-from tasks.worker import run_local
+from flows.signals import on_signals
+from tasks.runtime.worker import run_local
 
 store, lineage = sys.argv[1], sys.argv[2]
 config = TrainConfig(store=store, lineage=lineage, loop="bench.preempt:loop", epochs=1, workers=1,

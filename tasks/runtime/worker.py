@@ -12,8 +12,8 @@ from typing import Any, Callable
 
 import torch
 
-from .context import LoopError, TrainContext
-from .preempt import Preempted
+from .context import TrainContext
+from .errors import LoopNotFound, Preempted
 from .recipes import import_attribute, load_recipe
 from .spec import BlockSpec
 
@@ -29,7 +29,7 @@ def worker_loop(config: dict[str, Any]) -> None:
 
     spec = BlockSpec.model_validate(config)
     if spec.warm_group:
-        from .warm import join_group
+        from .group import join_group
 
         joined = join_group(spec)
         if joined is None:
@@ -60,7 +60,7 @@ def run_loop(ctx: TrainContext) -> None:
     spec = ctx.spec
     # Same thread count before and after a resume: float reductions stay identical.
     torch.set_num_threads(max(1, int(spec.settings.cpus_per_worker)))
-    _importable(spec.import_paths)
+    importable(spec.import_paths)
     loop = load_loop(spec.settings.loop) if spec.settings.loop else recipe_loop
     # Model initialisation is the same on every rank and in every attempt.
     torch.manual_seed(spec.params.seed)
@@ -72,15 +72,11 @@ def run_loop(ctx: TrainContext) -> None:
         raise
 
 
-def _importable(paths: list[str]) -> None:
+def importable(paths: list[str]) -> None:
     """The folder `baton train` ran in is importable, as with `python -m` (user loops, recipes)."""
     for path in reversed(paths):
         if path not in sys.path:
             sys.path.insert(0, path)
-
-
-class LoopNotFound(LoopError):
-    pass
 
 
 def load_loop(path: str) -> TrainLoop:

@@ -19,6 +19,7 @@ import signal
 
 from ckpt import CheckpointStore
 
+from .errors import InjectedFailure
 from .spec import FailureInjection
 
 log = logging.getLogger("baton.faults")
@@ -54,4 +55,4 @@ def _maybe_fail(fail: FailureInjection | None, store: CheckpointStore, lineage: 
     if fail.action == "kill-worker":
         log.warning("failure injection: SIGKILL of rank %d at %s %d/%d", rank, phase, epoch, batch)
         os.kill(os.getpid(), signal.SIGKILL)
-    raise RuntimeError(f"failure injection: rank {rank} fails at {phase} of epoch {epoch} batch {batch}")
+    raise InjectedFailure(f"failure injection: rank {rank} fails at {phase} of epoch {epoch} batch {batch}")

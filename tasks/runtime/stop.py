@@ -9,31 +9,23 @@ with `Preempted`, whose message says where a rerun or Retry resumes. The fence i
 notice to one run from stopping the next.
 
 Three more sources of notice feed the same file: a cancellation of the flow run from the Prefect
-UI or API (`on_signals` watches the run's state; a served run also gets the runner's SIGTERM), and a
+UI or API (flows/signals.py watches the run's state; a served run also gets the runner's SIGTERM), and a
 Ray node drain (`DrainWatch`: every rank reads whether its own node is draining).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import json
 import logging
-import os
-import signal
-import sys
 import threading
 import time
 
 from ckpt import CheckpointStore, Lease
 
+from . import _ray_internals
+
 log = logging.getLogger("baton.preempt")
-MARKER = "preempted at epoch"  # in every Preempted message; block retries are skipped on it
-DRAIN = "Ray node drain"  # in the notice (and Preempted message) of a drain: the block is retried elsewhere
-
-
-class Preempted(Exception):
-    """Training stopped on a preemption notice, after committing the step it stopped at."""
+DRAIN = "Ray node drain"  # how a drain's notice begins: the block is retried on the other nodes
 
 
 def notice_path(store: CheckpointStore, lineage: str, fence: int) -> str:
@@ -127,22 +119,13 @@ class NoticeWatcher(_Watcher):
         return True
 
 
-def clean_message(error: BaseException) -> str | None:
-    """The Preempted line inside an error that crossed Ray (a worker's, wrapped by Ray Train)."""
-    text = str(error)
-    at = text.find(MARKER)
-    if at < 0:
-        return None
-    return text[at:].splitlines()[0].strip()
-
-
 class DrainWatch(_Watcher):
     """Every rank under Ray: is this rank's own node being drained (`ray drain-node`, an autoscaler's
     spot or preemption drain)? Polled once a second on a daemon thread, so the step reads a flag.
 
     Ray 2.60 tells a worker of a drain in two ways: `ray.train.get_preemption_info()`, a barrier of
     all ranks fed by Ray Train's PreemptionWatcher, which polls every 5 s; and the GCS's table of
-    draining nodes (`ray._private.state.state.get_draining_nodes()`, node id -> deadline in ms), which
+    draining nodes (tasks/runtime/_ray_internals.py: node id -> deadline in ms), which
     that watcher and Ray Data read. Baton reads the table itself: no barrier, and a drain is known
     within a second. The first rank to see it writes the notice, so the block task knows why the
     workers stopped (and retries the block on the remaining nodes)."""
@@ -159,9 +142,7 @@ class DrainWatch(_Watcher):
 
     def _poll(self) -> bool:
         try:
-            import ray._private.state
-
-            draining = ray._private.state.state.get_draining_nodes() or {}
+            draining = _ray_internals.draining_nodes()
         except Exception as err:  # a GCS hiccup must not kill training; the next poll retries
             log.debug("drain watcher: %s", err)
             return False
@@ -198,116 +179,3 @@ def read_notice(store: CheckpointStore, lineage: str, fence: int) -> dict | None
         return None
 
 
-def _prefect_cancels() -> bool:
-    """A served flow run (Prefect's Runner: `baton serve`, a worker) is cancelled by SIGTERM, sent
-    right after the runner's "cancel" intent is acknowledged on its control channel (Prefect 3.9:
-    prefect.runner._cancellation_manager); the intent tells that SIGTERM from any other."""
-    # Only where Prefect already runs: its control listener is imported when a flow run starts, and
-    # importing Prefect inside a signal handler would delay the notice by a second.
-    listener = sys.modules.get("prefect._internal.control_listener")
-    try:
-        return listener is not None and listener.get_intent() == "cancel"
-    except Exception:  # another Prefect version: the state watch below still sees the cancel
-        return False
-
-
-class StopRequest:
-    """Why this flow run was asked to stop, if it was: what the flow reports at the end."""
-
-    def __init__(self):
-        self.reason: str | None = None
-        self.cancelled = False  # from the Prefect UI or API: the run ends Cancelled, not Failed
-        self.at: float | None = None  # time.perf_counter() of the first notice
-
-    def note(self, reason: str, cancelled: bool = False) -> bool:
-        """True the first time: the caller gives the notice."""
-        self.cancelled = self.cancelled or cancelled
-        if self.reason is not None:
-            return False
-        self.reason, self.at = reason, time.perf_counter()
-        return True
-
-
-class _CancelWatch:
-    """Flow process: reads the flow run's state every `interval_s`; Cancelling (the UI's Cancel
-    button sets it through `POST /flow_runs/{id}/set_state`) becomes a notice. Prefect 3.9 itself
-    only acts on a cancel through a runner (which kills the process); a flow run started in a
-    terminal (`baton train`) has none, so nothing else would stop it."""
-
-    def __init__(self, flow_run_id: str, on_cancel, interval_s: float = 1.0):
-        self.flow_run_id, self.on_cancel, self.interval_s = flow_run_id, on_cancel, interval_s
-        self._stop = threading.Event()
-        # In this thread's context: a new thread starts with none, and Prefect's settings (the API URL
-        # `baton train` points at its temporary server) live in a context variable; without them
-        # get_client starts yet another temporary server.
-        context = contextvars.copy_context()
-        self._thread = threading.Thread(target=context.run, args=(self._loop,), daemon=True,
-                                        name="baton-cancel-watch")
-
-    def _loop(self) -> None:
-        from prefect.client.orchestration import get_client
-
-        try:
-            with get_client(sync_client=True) as client:
-                while not self._stop.wait(self.interval_s):
-                    try:
-                        state = client.read_flow_run(self.flow_run_id).state
-                    except Exception as err:  # the server may be busy: the next read retries
-                        log.debug("cancel watch: %s", err)
-                        continue
-                    if state is not None and (state.is_cancelling() or state.is_cancelled()):
-                        self.on_cancel()
-                        return
-        except Exception as err:  # no client: cancellation then only works through a runner's SIGTERM
-            log.warning("cannot watch flow run %s for a cancel from the UI: %s", self.flow_run_id, err)
-
-    def __enter__(self) -> "_CancelWatch":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-
-
-@contextlib.contextmanager
-def on_signals(store: CheckpointStore, lineage: str, fence: int, flow_run_id: str | None = None):
-    """While training: the first SIGTERM or SIGINT gives the workers notice (they checkpoint the
-    step they are at and stop); a second one exits at once (the commit protocol keeps the store
-    whole). Signals only in the main thread, where Python delivers them. With `flow_run_id`, a
-    cancel of that flow run from the Prefect UI or API gives notice too. Yields the StopRequest."""
-    request = StopRequest()
-
-    def notify(reason: str, cancelled: bool, signum: int | None = None) -> None:
-        if not request.note(reason, cancelled):
-            return
-        log.warning("%s: the workers checkpoint the step they are at and stop%s", reason,
-                    " (a second signal exits at once)" if signum is not None else "")
-        try:
-            give_notice(store, lineage, fence, reason)
-        except Exception as err:  # no notice possible: fall back to the last committed checkpoint
-            log.error("could not give the workers notice (%s); exiting", err)
-            os._exit(128 + (signum or signal.SIGTERM))
-
-    def handler(signum, frame) -> None:
-        if received:
-            log.warning("second signal: exiting now; the last committed checkpoint stands")
-            os._exit(128 + signum)
-        received.append(signum)
-        cancelled = _prefect_cancels()
-        name = signal.Signals(signum).name
-        notify(f"{name} (the flow run was cancelled)" if cancelled else name, cancelled, signum)
-
-    received: list[int] = []
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    watch = _CancelWatch(flow_run_id, lambda: notify("cancelled from the Prefect UI or API", True)) \
-        if flow_run_id else contextlib.nullcontext()
-    try:
-        with watch:
-            yield request
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-        if request.reason is not None:
-            withdraw_notice(store, lineage, fence)

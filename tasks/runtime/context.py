@@ -29,25 +29,17 @@ import torch
 from ckpt import CheckpointStore, Position, TrainingState, capture_rng
 
 from . import faults
-from ._commit import Committer
-from ._dist import Collectives
-from ._preemption import PreemptionMixin, _drain_watch
-from ._resume import ResumeMixin, newest_good, seed_rank
+from ._stop_vote import PreemptionMixin, _drain_watch
+from .collectives import Collectives
+from .commit import Committer
+from .errors import LoopError, NonFiniteMetric
 from .recipes import RecipeParams
+from .resume import ResumeMixin
 from .spec import BlockSpec
 
-# newest_good and seed_rank live in tasks/_resume.py; their import path stays tasks.context.
-__all__ = ["LoopError", "NonFiniteMetric", "TrainContext", "newest_good", "seed_rank"]
+__all__ = ["TrainContext"]
 
 log = logging.getLogger("baton.worker")
-
-
-class LoopError(Exception):
-    """The training loop cannot run or cannot be checkpointed as written; the message says how to fix it."""
-
-
-class NonFiniteMetric(LoopError):
-    """A metric (the loss) is NaN or infinite: the block stops before committing anything of it."""
 
 
 class TrainContext(ResumeMixin, PreemptionMixin):
@@ -148,7 +140,7 @@ class TrainContext(ResumeMixin, PreemptionMixin):
             raise LoopError("call ctx.restore(model=..., optimizer=...) before ctx.epochs()")
         self._restore_rng()
         if self.rank == 0:
-            from .preempt import NoticeWatcher
+            from .stop import NoticeWatcher
 
             self._notice = NoticeWatcher(self.store, self.spec.lineage, self.spec.fence)
             self.ready_s = time.perf_counter() - self._created
@@ -178,21 +170,21 @@ class TrainContext(ResumeMixin, PreemptionMixin):
         self._settle()
         command = None
         if self.rank == 0:
-            from .warm import fetch_command
+            from .group import fetch_command
 
             last = self._committer.parent if self._committer else None
             command = fetch_command(self.spec.warm_group, self._position.epochs_done, last)
         command = self._dist.broadcast_object(command)
         if command is None:
             return False
-        self.spec = self.spec.model_copy(update={k: command[k] for k in ("index", "end_epoch", "fence", "last")})
+        self.spec = command.applied_to(self.spec)
         if self._committer is not None:
             self._committer.spec = self.spec
-        if command["reload"]:
+        if command.reload:
             # Not the checkpoint the block starts from (someone else trained the lineage since): load it.
             restored = self._load()
             if restored is None:
-                raise LoopError(f"block {self.spec.index} starts from {command['start_id']}, which is not in the store")
+                raise LoopError(f"block {self.spec.index} starts from {command.start_id}, which is not in the store")
             self._apply(restored)
             self._restore_rng()
         if self.rank == 0:
@@ -211,7 +203,7 @@ class TrainContext(ResumeMixin, PreemptionMixin):
         """A `DataLoader` over this rank's shard of `dataset` whose position is saved in every
         checkpoint: after a mid-epoch resume it continues at the next unseen batch. Other keywords
         go to torchdata's `StatefulDataLoader` (num_workers, pin_memory, collate_fn...)."""
-        from ._loader import make_loader
+        from .loader import make_loader
 
         if "sampler" in kwargs or "batch_sampler" in kwargs:
             raise LoopError("ctx.loader shards the data over the ranks itself: pass no sampler/batch_sampler "

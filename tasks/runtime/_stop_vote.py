@@ -1,4 +1,4 @@
-"""Preemption as a TrainContext sees it (the notices themselves: tasks/preempt.py): the vote
+"""Preemption as a TrainContext sees it (the notices themselves: tasks/runtime/stop.py): the vote
 that makes every rank stop at the same step, committing that step, and the `Preempted` that ends
 the block saying where a rerun resumes.
 
@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from .context import TrainContext
+from .errors import Preempted
 
 log = logging.getLogger("baton.worker")
 
@@ -39,35 +38,29 @@ class PreemptionMixin:
         if self._loaders:  # the loader's last batch: the epoch-end commit follows at once
             self._stop_after_epoch = True
             return
-        from .preempt import Preempted
-
-        raise Preempted(f"preempted at epoch {self._position.epoch} step {self._position.step} without a "
-                        "checkpoint of that step (the loop reads no ctx.loader, so its data position cannot be "
-                        "saved); a rerun or Retry resumes at the last committed checkpoint")
+        last = self._dist.broadcast_object(self._committer.parent if self._committer else None)
+        raise Preempted(self._position.epoch, self._position.step, last, where="no checkpoint of the step")
 
     def _preempted(self, started: float) -> None:
-        from .preempt import Preempted
-
         self._settle()
         saved_s = time.perf_counter() - started
         checkpoint = self._dist.broadcast_object(self._committer.parent if self._committer else None)
         where = "end of epoch" if self._position.epoch_complete else "step"
-        message = (f"preempted at epoch {self._position.epoch} step {self._position.step} ({where}); checkpoint "
-                   f"{checkpoint} committed; a rerun or Retry resumes there")
+        drain = self._drain if self._drain and self._drain.requested else None
+        stopped = Preempted(self._position.epoch, self._position.step, checkpoint, where=where,
+                            reason=drain.reason if drain else "", drain=drain is not None)
         if self.rank == 0:
             reason = self._notice.reason if self._notice else "notice"
             log.warning("%s (%s). Stopping took %.2f s after the step (a step takes %.2f s, the save %.2f s): a "
                         "notice shorter than a step plus a save falls back to the last committed checkpoint",
-                        message, reason, saved_s + self._step_s, self._step_s, saved_s)
-        drain = self._drain if self._drain and self._drain.requested else None
+                        stopped, reason, saved_s + self._step_s, self._step_s, saved_s)
         if drain is not None:
-            message += f" ({drain.reason})"
             if drain.deadline is not None and drain.deadline - drain.seen_at < self._step_s + saved_s:
                 log.warning("the drain of this rank's node gave %.1f s of notice, less than a step plus a save "
                             "(%.2f s + %.2f s): had the node gone at its deadline, the run would have resumed at the "
                             "last committed checkpoint; a smaller checkpoint_every_steps loses less then",
                             drain.deadline - drain.seen_at, self._step_s, saved_s)
-        raise Preempted(message)
+        raise stopped
 
     def _drain_vote(self) -> None:
         """Finish the vote in flight (every rank has one, from the same step)."""
@@ -81,9 +74,9 @@ class PreemptionMixin:
                 watcher.close()
 
 
-def _drain_watch(ctx: TrainContext):
+def _drain_watch(ctx: Any):
     """A DrainWatch of this rank's node; None (logged) where Ray cannot say (no drain is then seen)."""
-    from .preempt import DrainWatch
+    from .stop import DrainWatch
 
     try:
         return DrainWatch(ctx.store, ctx.spec.lineage, ctx.spec.fence, ctx.rank)

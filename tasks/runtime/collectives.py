@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from .errors import CommitFailed
+
 
 class Collectives:
     """All ranks call each method in the same order (they are collectives)."""
@@ -88,4 +90,4 @@ class Collectives:
         if error is not None:
             raise error
         if told is not None:
-            raise RuntimeError(f"rank 0 failed to commit the checkpoint: {told}")
+            raise CommitFailed(f"rank 0 failed to commit the checkpoint: {told}")
