@@ -94,6 +94,10 @@ class TrainSettings(BaseModel):
     checkpoint_mode: CheckpointMode = Field("sync", description="`async`: training blocks only to snapshot "
                                             "state; writing and committing happen in the background.")
     max_failures: int = Field(1, ge=0, description="Ray Train worker-group restarts within one block.")
+    step_timeout_s: float | None = Field(None, gt=0, allow_inf_nan=False, description="A rank that makes no "
+                                         "progress (no ctx.step) for this long is stopped and the block fails "
+                                         "naming it, then is retried; unset: 20 times the slowest step seen, at "
+                                         "least 60 s (300 s before the first steps).")
     placement_strategy: PlacementStrategy = Field(
         "PACK", description="How Ray places the workers over nodes (SPREAD puts them on different nodes).")
     init_from: str | None = Field(None, description="Warm start a new lineage from LINEAGE[@ID|@latest|@best|@ALIAS] "
