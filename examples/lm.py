@@ -2,7 +2,8 @@
 
 The text is the standard library's `pydoc_data/topics.py` (the help topics, ~460 KB of English):
 nothing is downloaded. Characters are the tokens (bytes, 256 of them). AMP: bf16 autocast on
-CPU, fp16 with a GradScaler on GPU. Gradient accumulation: `accumulate` micro-batches per step.
+CPU, fp16 with a GradScaler on GPU. Gradient accumulation: `accumulate` micro-batches per step,
+through `ctx.accumulate`, whose windows survive a mid-epoch resume.
 
     baton train --loop examples.lm:train_loop --epochs 2 --epochs-per-block 1 --workers 2 \
         --checkpoint-every-steps 20
@@ -102,12 +103,14 @@ def train_loop(ctx) -> None:
     amp = dict(device_type="cuda", dtype=torch.float16) if on_gpu else dict(device_type="cpu", dtype=torch.bfloat16)
     for _ in ctx.epochs():
         net.train()
-        for micro, (x, y) in enumerate(loader, start=1):
+        # Windows of `accumulate` micro-batches counted from the epoch's start, also after a mid-epoch
+        # resume (a counter of our own would restart at the resume and lose the odd last window's step).
+        for (x, y), step in ctx.accumulate(loader, every=o["accumulate"]):
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
             with torch.autocast(**amp):
                 loss = F.cross_entropy(net(x).flatten(0, 1).float(), y.flatten()) / o["accumulate"]
             scaler.scale(loss).backward()
-            if micro % o["accumulate"] == 0 or micro == len(loader):
+            if step:
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)

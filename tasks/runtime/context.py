@@ -15,12 +15,16 @@ A loop is written like a Ray Train `train_loop_per_worker`, with five calls to B
 
 Every rank runs the loop; rank 0 writes checkpoints. The RNG states of every rank, each rank's
 data-loader position and the metric sums travel in the checkpoint without user code.
+
+`TrainContext` is that API and delegates the rest: what goes into and comes back from a checkpoint
+to a `Resumer` (resume.py), rank 0's commits to a `Committer` (commit.py), stopping on a notice to
+a `StopVote` (stop.py), the block in progress, the epoch's metric sums and the held-back report
+lines to a `BlockCursor`, `EpochMeans` and `Reports` (progress.py).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any, Callable, Iterator
 
@@ -29,58 +33,60 @@ import torch
 from ckpt import CheckpointStore, Position, TrainingState, capture_rng
 
 from . import faults
-from ._stop_vote import PreemptionMixin, _drain_watch
 from .collectives import Collectives
 from .commit import Committer
-from .errors import LoopError, NonFiniteMetric
+from .errors import LoopError
+from .loader import BatonLoader, make_loader
+from .progress import BlockCursor, EpochMeans, Reports
 from .recipes import RecipeParams
-from .resume import ResumeMixin
+from .resume import Resumer
 from .spec import BlockSpec
+from .stop import Stop, StopVote
 
 __all__ = ["TrainContext"]
 
 log = logging.getLogger("baton.worker")
 
 
-class TrainContext(ResumeMixin, PreemptionMixin):
-    """What one rank of a block sees. Built by Baton; a loop only calls its methods.
-
-    What goes into and comes back from a checkpoint is `ResumeMixin` (tasks/_resume.py); stopping
-    on a preemption notice is `PreemptionMixin` (tasks/_preemption.py)."""
+class TrainContext:
+    """What one rank of a block sees. Built by Baton; a loop only calls its methods."""
 
     def __init__(self, spec: BlockSpec, rank: int, world_size: int, *, local_rank: int = 0,
                  device: torch.device | None = None, report: Callable[[dict[str, Any]], None] | None = None,
                  ray_train: bool = False):
-        self.spec, self.rank, self.world_size, self.local_rank = spec, rank, world_size, local_rank
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.device = device or torch.device("cpu")
         self.store = CheckpointStore(spec.settings.store, spec.settings.storage_options)
-        self._report = report or (lambda metrics: None)
-        self._dist = Collectives(world_size)
+        self._cursor = BlockCursor(spec)
         self._ray_train = ray_train
-        self._pending_report: dict[str, Any] | None = None  # async: sent once its checkpoint is committed
+        self._dist = Collectives(world_size)
+        self._resumer = Resumer(self.store, spec.lineage, spec.settings, rank=rank, world_size=world_size,
+                                seed=spec.params.seed)
+        background = spec.settings.checkpoint_mode == "async"
+        self._committer = Committer(self.store, spec.lineage, background=background) if rank == 0 else None
+        self._stop = StopVote(self._dist, rank)
+        self._means = EpochMeans(rank)
+        self._reports = Reports(report or (lambda metrics: None), hold_until_committed=background)
         self._objects: dict[str, Any] = {}
         self._user_state: dict[str, Any] = {}
-        self._loaders: list[Any] = []
-        self._restored: TrainingState | None = None
+        self._loaders: list[BatonLoader] = []
+        self._restored: TrainingState | None = None  # until its loader positions and RNG are applied
         self._position = Position(epoch=0, batch_in_epoch=0, epoch_complete=False, step=0)
-        self._sums: dict[str, float] = {}
-        self._counts: dict[str, float] = {}
         self._epoch: int | None = None
         self._epoch_ended = True
-        self._uses_dataset_shards = False
-        self._committer = Committer(spec, self.store, rank) if rank == 0 else None
-        self._exhausted = False
-        self.ready_s: float | None = None
-        self._created = time.perf_counter()
-        self._notice = None  # rank 0's preemption watcher, from the first epoch on
-        self._drain = None  # every rank under Ray: is its own node draining?
-        self._stop_after_epoch = False
-        self._last_step_at: float | None = None
-        self._step_s = 0.0
         self._committed_step = -1
-        self._notice_vote: Any = None  # the preemption vote in flight (tasks._dist.start_any)
+        self._uses_dataset_shards = False
+        self._window_open = False  # ctx.accumulate: a micro-batch of an unfinished window was yielded
+        self._exhausted = False
+        self._created = time.perf_counter()
+        self.ready_s: float | None = None
 
     # ---- what a loop reads
+    @property
+    def spec(self) -> BlockSpec:
+        """The block this rank trains now (in a warm group, the next block once the last one ended)."""
+        return self._cursor.block
+
     @property
     def params(self) -> RecipeParams:
         """seed, lr, batch_size, epochs and the free-form `options` of the run's config."""
@@ -97,11 +103,19 @@ class TrainContext(ResumeMixin, PreemptionMixin):
 
     @property
     def global_step(self) -> int:
+        """Optimizer steps (`ctx.step` calls) since the lineage began."""
         return self._position.step
 
     @property
-    def step_in_epoch(self) -> int:
-        return self._position.batch_in_epoch
+    def batch_in_epoch(self) -> int:
+        """Batches of this epoch the (first) ctx.loader has yielded, those before a resume included:
+        inside `for batch in loader:` the 1-based number of the batch in hand."""
+        return self._first_loader("ctx.batch_in_epoch").batches_done
+
+    @property
+    def batches_in_epoch(self) -> int:
+        """The batches an epoch of the (first) ctx.loader has on this rank (the same on every rank)."""
+        return len(self._first_loader("ctx.batches_in_epoch"))
 
     # ---- the five calls
     def restore(self, model: torch.nn.Module | None = None, optimizer: Any = None, scheduler: Any = None,
@@ -116,9 +130,9 @@ class TrainContext(ResumeMixin, PreemptionMixin):
             raise LoopError("ctx.restore needs model=...: the model's weights are what a checkpoint holds first")
         if self._epoch is not None:
             raise LoopError("call ctx.restore(...) before ctx.epochs(): a block resumes before it trains")
-        self._objects = {"model": _unwrap(model), "optimizer": optimizer, "scheduler": scheduler,
-                         "scaler": scaler, **stateful}
-        self._objects = {k: v for k, v in self._objects.items() if v is not None}
+        objects = {"model": _unwrap(model), "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler,
+                   **stateful}
+        self._objects = {k: v for k, v in objects.items() if v is not None}
         for name, obj in self._objects.items():
             if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
                 raise LoopError(f"ctx.restore({name}=...) got a {type(obj).__name__}, which has no "
@@ -127,9 +141,7 @@ class TrainContext(ResumeMixin, PreemptionMixin):
             # Before loading: optimizer state lands on the device of the parameters it belongs to.
             self._objects["model"].to(self.device)
         self._user_state = dict(state or {})
-        restored = self._load()
-        if restored is not None:
-            self._apply(restored)
+        self._resume()
         return self._user_state
 
     def epochs(self) -> Iterator[int]:
@@ -138,23 +150,17 @@ class TrainContext(ResumeMixin, PreemptionMixin):
         of the flow run when there is one, so the loop never learns where one block ends."""
         if not self._objects:
             raise LoopError("call ctx.restore(model=..., optimizer=...) before ctx.epochs()")
-        self._restore_rng()
+        self._resumer.restore_rng(self._restored, self._position.step)
+        self._watch()
         if self.rank == 0:
-            from .stop import NoticeWatcher
-
-            self._notice = NoticeWatcher(self.store, self.spec.lineage, self.spec.fence)
             self.ready_s = time.perf_counter() - self._created
             log.info("block %d ready to train in %.2f s", self.spec.index, self.ready_s)
-        if self._ray_train and self._drain is None:
-            self._drain = _drain_watch(self)
         while True:
-            epoch, start_batch = _start_point(self._position)
-            resume = start_batch > 0
+            epoch, resume = _start_point(self._position)
             while epoch < self.spec.end_epoch:
                 self._begin_epoch(epoch, resume=resume)
                 resume = False
-                faults.at_batch(self.spec.settings.fail, self.store, self.spec.lineage, self.rank, epoch,
-                                self._position.batch_in_epoch)
+                self._fault_point(epoch)
                 yield epoch
                 if not self._epoch_ended:
                     self.end_epoch()
@@ -163,48 +169,10 @@ class TrainContext(ResumeMixin, PreemptionMixin):
                 break
         self._exhausted = True
 
-    def _next_block(self) -> bool:
-        """Warm group: report the block's end (its last checkpoint committed) and wait for the next."""
-        if not self.spec.warm_group:
-            return False
-        self._settle()
-        command = None
-        if self.rank == 0:
-            from .group import fetch_command
-
-            last = self._committer.parent if self._committer else None
-            command = fetch_command(self.spec.warm_group, self._position.epochs_done, last)
-        command = self._dist.broadcast_object(command)
-        if command is None:
-            return False
-        self.spec = command.applied_to(self.spec)
-        if self._committer is not None:
-            self._committer.spec = self.spec
-        if command.reload:
-            # Not the checkpoint the block starts from (someone else trained the lineage since): load it.
-            restored = self._load()
-            if restored is None:
-                raise LoopError(f"block {self.spec.index} starts from {command.start_id}, which is not in the store")
-            self._apply(restored)
-            self._restore_rng()
-        if self.rank == 0:
-            log.info("block %d continues in the same worker group (no restart)", self.spec.index)
-        return True
-
-    def _settle(self) -> None:
-        """The last save committed and reported, on every rank."""
-        self._drain_vote()
-        error = self._committer.close() if self._committer else None
-        self._dist.agree(error)
-        self._send(self._pending_report)
-        self._pending_report = None
-
-    def loader(self, dataset: Any, batch_size: int, *, shuffle: bool = True, **kwargs: Any):
+    def loader(self, dataset: Any, batch_size: int, *, shuffle: bool = True, **kwargs: Any) -> BatonLoader:
         """A `DataLoader` over this rank's shard of `dataset` whose position is saved in every
         checkpoint: after a mid-epoch resume it continues at the next unseen batch. Other keywords
         go to torchdata's `StatefulDataLoader` (num_workers, pin_memory, collate_fn...)."""
-        from .loader import make_loader
-
         if "sampler" in kwargs or "batch_sampler" in kwargs:
             raise LoopError("ctx.loader shards the data over the ranks itself: pass no sampler/batch_sampler "
                             "(use shuffle=False for a fixed order)")
@@ -216,40 +184,58 @@ class TrainContext(ResumeMixin, PreemptionMixin):
     def step(self, **metrics: float) -> None:
         """After each optimizer step: count it, add `metrics` to the epoch's means, commit a
         checkpoint every `checkpoint_every_steps` steps (and log the samples for the audit)."""
-        self._add(metrics)
         epoch = self._require_epoch("ctx.step")
+        if self._window_open:
+            raise LoopError("ctx.step in the middle of an accumulation window: step the optimizer and call "
+                            "ctx.step only where `for batch, step in ctx.accumulate(...)` gives step=True")
+        self._means.add(metrics, epoch=epoch, step=self._position.step + 1)
         self._audit()
-        self._position = Position(epoch=epoch, batch_in_epoch=self._position.batch_in_epoch + 1,
-                                  epoch_complete=False, step=self._position.step + 1)
-        now = time.perf_counter()
-        if self._last_step_at is not None:
-            self._step_s = now - self._last_step_at
-        self._last_step_at = now
+        self._position = Position(epoch=epoch, batch_in_epoch=self._data_position(), epoch_complete=False,
+                                  step=self._position.step + 1)
         every = self.spec.settings.checkpoint_every_steps
         if every and self._position.step % every == 0 and self._mid_epoch_checkpoint_possible():
             self._checkpoint(report=False)
         self._vote_on_notice()
-        faults.at_batch(self.spec.settings.fail, self.store, self.spec.lineage, self.rank, epoch, self._position.batch_in_epoch)
+        self._fault_point(epoch)
 
     def end_epoch(self, **metrics: float) -> dict[str, float]:
         """At the end of each epoch, on every rank: commit the epoch. `metrics` (validation...) are
         averaged over the ranks and stored with the step metrics' epoch means. Returns them."""
         epoch = self._require_epoch("ctx.end_epoch")
         self._audit()
-        vote, self._notice_vote = self._notice_vote, None
-        if vote is not None and self._dist.finish_any(vote):
-            self._stop_after_epoch = True  # a notice during the epoch's last step: stop after its commit
+        stop_after = self._stop.at_epoch_end()
         self._position = self._position.model_copy(update={"epoch": epoch, "epoch_complete": True})
         reduced = self._checkpoint(report=True, epoch_metrics=metrics)
-        self._sums, self._counts, self._epoch_ended = {}, {}, True
-        if self._stop_after_epoch:
-            self._preempted(time.perf_counter())
+        self._means.reset()
+        self._epoch_ended = True
+        if stop_after:
+            self._stop_here(time.perf_counter())
         return reduced
 
     # ---- also useful
+    def accumulate(self, loader: BatonLoader, every: int) -> Iterator[tuple[Any, bool]]:
+        """Gradient accumulation over `loader` (a ctx.loader): yields `(batch, step)`, `step` True
+        on the micro-batch that ends a window of `every` (counted from the epoch's start, also after
+        a mid-epoch resume) and on the epoch's last batch, which ends a shorter window. Step the
+        optimizer and call `ctx.step` exactly there: checkpoints are taken at `ctx.step`, so none
+        splits a window (the gradients of a half-done window are not saved)."""
+        if not isinstance(loader, BatonLoader) or loader not in self._loaders:
+            raise LoopError("ctx.accumulate(loader, ...) takes a loader made by ctx.loader: only its position "
+                            "is known after a resume")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise LoopError(f"ctx.accumulate(..., every={every!r}): every is a number of micro-batches, 1 or more")
+        try:
+            for batch in loader:
+                done = loader.batches_done
+                step = done % every == 0 or done == len(loader)
+                self._window_open = not step
+                yield batch, step
+        finally:
+            self._window_open = False
+
     def prepare_model(self, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
         """`ray.train.torch.prepare_model` under Ray Train; on one process, the model on `ctx.device`."""
-        if self._in_ray_train():
+        if self._ray_train:
             import ray.train.torch
 
             return ray.train.torch.prepare_model(model, **kwargs)
@@ -271,41 +257,110 @@ class TrainContext(ResumeMixin, PreemptionMixin):
             raise LoopError(f"the training loop returned before ctx.epochs() reached epoch {self.spec.end_epoch}: "
                             "iterate `for epoch in ctx.epochs():` to its end")
         self._settle()
-        self._close_watchers()
+        self._stop.close()
 
     def abandon(self) -> None:
         """Training failed: let a save in flight finish (its snapshot is consistent), no collectives."""
-        self._close_watchers()
+        self._stop.close()
         if self._committer:
             self._committer.abandon()
 
-    def _send(self, line: dict[str, Any] | None) -> None:
-        # Every rank has the same reduced line; `ray.train.report` is a barrier all ranks call.
-        if line is not None:
-            self._report(line)
+    # ---- resume and blocks
+    def _resume(self, required: str | None = None) -> None:
+        """Load the start checkpoint (`required`: the id the block names, which must be in the store)."""
+        start = self._resumer.find()
+        if required is not None and (start.state is None or start.weights_only):
+            raise LoopError(f"block {self.spec.index} starts from {required}, which is not in the store")
+        if self._committer is not None and start.parent is not None:
+            self._committer.resumed_from(start.parent)
+        restored = self._resumer.apply(start, self._objects, self._user_state)
+        if restored is not None:
+            self._position, self._restored = restored.position, restored
+            if not restored.position.epoch_complete:  # a mid-epoch resume continues the epoch's means
+                self._means.resume(restored.progress)
 
-    def _in_ray_train(self) -> bool:
-        return self._ray_train
+    def _next_block(self) -> bool:
+        """Warm group: report the block's end (its last checkpoint committed) and wait for the next."""
+        if not self.spec.warm_group:
+            return False
+        self._settle()
+        command = None
+        if self.rank == 0:
+            from .group import fetch_command
 
-    def _require_epoch(self, call: str) -> int:
-        if self._epoch is None:
-            raise LoopError(f"{call} is called inside `for epoch in ctx.epochs():`")
-        return self._epoch
+            last = self._committer.parent if self._committer else None
+            command = fetch_command(self.spec.warm_group, self._position.epochs_done, last)
+        command = self._dist.broadcast_object(command)
+        if command is None:
+            return False
+        self._cursor.advance(command)
+        self._watch()
+        if command.reload:
+            # Not the checkpoint the block starts from (someone else trained the lineage since): load it.
+            self._resume(required=command.start_id)
+            self._resumer.restore_rng(self._restored, self._position.step)
+        if self.rank == 0:
+            log.info("block %d continues in the same worker group (no restart)", self.spec.index)
+        return True
+
+    def _watch(self) -> None:
+        block = self.spec
+        self._stop.watch(self.store, block.lineage, block.fence, notices=self.rank == 0, drain=self._ray_train)
 
     def _begin_epoch(self, epoch: int, resume: bool) -> None:
         # `resume`: the first epoch after a restore that stopped mid-epoch.
         self._epoch, self._epoch_ended = epoch, False
         if not resume:
             self._position = Position(epoch=epoch, batch_in_epoch=0, epoch_complete=False, step=self._position.step)
-            if self._restored is None or self._restored.position.epoch != epoch:
-                self._sums, self._counts = {}, {}
-        pending = self._pending_loader_states() if resume else None
+            self._means.reset()
+        pending = self._resumer.loader_states(self._restored, len(self._loaders)) if resume else None
         for i, loader in enumerate(self._loaders):
             loader.set_epoch(epoch)
-            if pending is not None and i < len(pending) and "loader" not in faults.omitted():
+            if pending is not None:
                 loader.load_state_dict(pending[i])
-            loader.audit_from(loader.batches_done if resume and pending else 0)
+            loader.audit_from(loader.batches_done if pending is not None else 0)
         self._restored = None
+
+    # ---- steps, stops, checkpoints
+    def _vote_on_notice(self) -> None:
+        decision = self._stop.at_step(committable=self._mid_epoch_checkpoint_possible(),
+                                      epoch_end_follows=bool(self._loaders))
+        if decision is Stop.AT_STEP:
+            self._stop_here(time.perf_counter())
+        elif decision is Stop.WITHOUT_CHECKPOINT:
+            self._stop.stop(self._position, self._last_committed(), where="no checkpoint of the step")
+
+    def _stop_here(self, started: float) -> None:
+        """Every rank is at this step: commit it (if not yet), settle, raise `Preempted`."""
+        if self._committed_step != self._position.step:
+            self._checkpoint(report=False)
+        self._settle()
+        self._stop.stop(self._position, self._last_committed(), saved_s=time.perf_counter() - started)
+
+    def _settle(self) -> None:
+        """The last save committed and reported, on every rank."""
+        self._stop.settle()
+        error = self._committer.close() if self._committer else None
+        self._dist.agree(error)
+        self._reports.flush()
+
+    def _checkpoint(self, report: bool, epoch_metrics: dict[str, float] | None = None) -> dict[str, float]:
+        # Collectives first, in the same order on every rank; the background save does none.
+        metrics, progress = self._means.reduce(self._dist, epoch_metrics)
+        ranks = self._dist.gather_object({"rng": capture_rng(),
+                                          "loaders": [loader.state_dict() for loader in self._loaders]})
+        error = None
+        if self._committer is not None:
+            state = self._resumer.capture(self._objects, self._user_state, self._position, ranks, progress)
+            error = self._committer.commit(state, metrics, self.spec)
+        self._dist.agree(error)
+        self._committed_step = self._position.step
+        self._reports.committed({**metrics, "epoch": self._position.epoch, "step": self._position.step}
+                                if report else None)
+        return metrics
+
+    def _last_committed(self) -> str | None:
+        return self._committer.parent if self._committer else None
 
     def _mid_epoch_checkpoint_possible(self) -> bool:
         # A mid-epoch position is only restorable through ctx.loader; at the loader's last batch
@@ -314,61 +369,31 @@ class TrainContext(ResumeMixin, PreemptionMixin):
             return False
         return all(loader.batches_done < len(loader) for loader in self._loaders)
 
-    def _add(self, metrics: dict[str, float]) -> None:
-        for name, value in metrics.items():
-            value = float(value.detach().float().item() if isinstance(value, torch.Tensor) else value)
-            if not math.isfinite(value):
-                # Nothing from this step on is committed: the last checkpoint stays the newest.
-                raise NonFiniteMetric(
-                    f"{name} is {value} at epoch {self._epoch} step {self._position.step + 1} on rank {self.rank}: "
-                    f"training diverged, so no checkpoint is committed from this step on (the newest is the "
-                    f"last good one). Lower the learning rate (--lr) or check the data, then run again")
-            self._sums[name] = self._sums.get(name, 0.0) + value
-            self._counts[name] = self._counts.get(name, 0.0) + 1
+    def _data_position(self) -> int:
+        # The batches trained, as the loaders count them (with accumulation, several a step); mid-
+        # epoch only the loader being trained on has moved. Without a ctx.loader: one a step.
+        if self._loaders:
+            return max(loader.batches_done for loader in self._loaders)
+        return self._position.batch_in_epoch + 1
+
+    def _fault_point(self, epoch: int) -> None:
+        faults.at_batch(self.spec.settings.fail, self.store, self.spec.lineage, self.rank, epoch,
+                        self._position.batch_in_epoch)
+
+    def _first_loader(self, call: str) -> BatonLoader:
+        if not self._loaders:
+            raise LoopError(f"{call} counts the batches of a ctx.loader: make one with ctx.loader(...) first")
+        return self._loaders[0]
+
+    def _require_epoch(self, call: str) -> int:
+        if self._epoch is None:
+            raise LoopError(f"{call} is called inside `for epoch in ctx.epochs():`")
+        return self._epoch
 
     def _audit(self) -> None:
         if self.spec.settings.sample_log:
             for loader in self._loaders:
                 loader.write_audit(self.spec.settings.sample_log, self.rank)
-
-    # ---- checkpoints
-    def _checkpoint(self, report: bool, epoch_metrics: dict[str, float] | None = None) -> dict[str, float]:
-        # Collectives first, in the same order on every rank; the background save does none.
-        sums, counts = self._dist.sum_dicts(self._sums, self._counts)
-        metrics = {k: sums[k] / max(counts[k], 1.0) for k in sums}
-        if epoch_metrics:
-            metrics.update(self._dist.mean_dict({k: float(v) for k, v in epoch_metrics.items()}))
-        self._sums = sums if self.rank == 0 else {}  # the totals are carried on by rank 0
-        self._counts = counts if self.rank == 0 else {k: 0.0 for k in counts}
-        ranks = self._dist.gather_object({"rng": capture_rng(),
-                                          "loaders": [loader.state_dict() for loader in self._loaders]})
-        error = None
-        if self._committer is not None:
-            error = self._committer.commit(self._training_state(ranks, sums, counts), metrics)
-        self._dist.agree(error)
-        self._committed_step = self._position.step
-        line = {**metrics, "epoch": self._position.epoch, "step": self._position.step} if report else None
-        if self.spec.settings.checkpoint_mode == "async":
-            # Only now is the previous save known to be committed: report it, hold this one back.
-            self._send(self._pending_report)
-            self._pending_report = line
-        else:
-            self._send(line)
-        return metrics
-
-    def _pending_loader_states(self) -> list[Any] | None:
-        state = self._restored
-        if state is None or "loaders" not in state.extra:
-            return None
-        per_rank = state.extra["loaders"]
-        if len(per_rank) != self.world_size:
-            raise LoopError(f"the checkpoint holds data-loader positions for {len(per_rank)} ranks, this run has "
-                            f"{self.world_size}: resume with the same number of workers")
-        mine = per_rank[self.rank]
-        if len(mine) != len(self._loaders):
-            raise LoopError(f"the checkpoint holds {len(mine)} ctx.loader position(s), the loop made "
-                            f"{len(self._loaders)}: create the same loaders, in the same order, before ctx.epochs()")
-        return mine
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -376,7 +401,8 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def _start_point(position: Position) -> tuple[int, int]:
+def _start_point(position: Position) -> tuple[int, bool]:
+    """The epoch to train next, and whether it is resumed half-way (its loaders' positions saved)."""
     if position.epoch_complete:
-        return position.epoch + 1, 0
-    return position.epoch, position.batch_in_epoch
+        return position.epoch + 1, False
+    return position.epoch, position.batch_in_epoch > 0

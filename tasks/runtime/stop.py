@@ -11,6 +11,10 @@ notice to one run from stopping the next.
 Three more sources of notice feed the same file: a cancellation of the flow run from the Prefect
 UI or API (flows/signals.py watches the run's state; a served run also gets the runner's SIGTERM), and a
 Ray node drain (`DrainWatch`: every rank reads whether its own node is draining).
+
+`StopVote` is the workers' side, all of it here: it holds the watchers, runs the per-step vote over
+Baton's collectives, decides whether the ranks stop at this step or after the epoch's end commit,
+and raises `Preempted` saying where a rerun resumes. The commit itself is the TrainContext's.
 """
 
 from __future__ import annotations
@@ -19,10 +23,14 @@ import json
 import logging
 import threading
 import time
+from enum import Enum
+from typing import Any, NoReturn
 
-from ckpt import CheckpointStore, Lease
+from ckpt import CheckpointStore, Lease, Position
 
 from . import _ray_internals
+from .collectives import Collectives
+from .errors import Preempted, Where
 
 log = logging.getLogger("baton.preempt")
 DRAIN = "Ray node drain"  # how a drain's notice begins: the block is retried on the other nodes
@@ -179,3 +187,116 @@ def read_notice(store: CheckpointStore, lineage: str, fence: int) -> dict | None
         return None
 
 
+class Stop(str, Enum):
+    """What the ranks do once they agreed that a notice came."""
+
+    AT_STEP = "commit this step, then stop"
+    AFTER_EPOCH = "stop after the epoch-end commit, which comes next"
+    WITHOUT_CHECKPOINT = "stop now: this step cannot be checkpointed"
+
+
+class StopVote:
+    """How a notice stops every rank at the same step. Each step starts one collective vote ("did
+    any rank see a notice?") and reads the answer of the one the previous step started, so a step
+    never waits for it; all ranks read the same answer at the same step and stop there.
+
+    Inputs are explicit: the collectives, this rank, the store and block to watch (`watch`); at each
+    step, whether that step can be checkpointed (`at_step`); at a stop, the position and the newest
+    committed checkpoint (`stop`)."""
+
+    def __init__(self, dist: Collectives, rank: int):
+        self._dist, self.rank = dist, rank
+        self.notice: NoticeWatcher | None = None  # rank 0: the store's notice file, the lease's holder
+        self.drain: DrainWatch | None = None  # every rank under Ray: is its own node draining?
+        self._fence: int | None = None
+        self._vote: Any = None  # the vote in flight (Collectives.start_any)
+        self._after_epoch = False
+        self._last_step_at: float | None = None
+        self.step_s = 0.0  # the last step's duration, for the stop's log line
+
+    def watch(self, store: CheckpointStore, lineage: str, fence: int, *, notices: bool, drain: bool) -> None:
+        """Watch for notices to the run holding lease `fence` (again only when the fence changed)."""
+        if fence == self._fence:
+            return
+        self.close()
+        self._fence = fence
+        self.notice = NoticeWatcher(store, lineage, fence) if notices else None
+        self.drain = _drain_watch(store, lineage, fence, self.rank) if drain else None
+
+    def at_step(self, *, committable: bool, epoch_end_follows: bool) -> Stop | None:
+        """A collective, after each optimizer step: None to go on, else what every rank does now.
+        `committable`: this step's position can be checkpointed; `epoch_end_follows`: it was the
+        loader's last batch, so the epoch's end commit comes next."""
+        now = time.perf_counter()
+        if self._last_step_at is not None:
+            self.step_s = now - self._last_step_at
+        self._last_step_at = now
+        agreed, self._vote = self._vote, self._dist.start_any(self._noticed())
+        if agreed is None or not self._dist.finish_any(agreed):
+            return None
+        self.settle()
+        if committable:
+            return Stop.AT_STEP
+        if epoch_end_follows:
+            self._after_epoch = True
+            return Stop.AFTER_EPOCH
+        return Stop.WITHOUT_CHECKPOINT
+
+    def at_epoch_end(self) -> bool:
+        """A collective, before the epoch's end commit: stop after it? (A notice during the epoch's
+        last step is answered here.)"""
+        vote, self._vote = self._vote, None
+        if vote is not None and self._dist.finish_any(vote):
+            self._after_epoch = True
+        return self._after_epoch
+
+    def settle(self) -> None:
+        """Finish the vote in flight (every rank has one, from the same step): before a block ends."""
+        vote, self._vote = self._vote, None
+        if vote is not None:
+            self._dist.finish_any(vote)
+
+    def stop(self, position: Position, last_committed: str | None, *, saved_s: float = 0.0,
+             where: Where | None = None) -> NoReturn:
+        """A collective: raise `Preempted` on every rank. `last_committed` is rank 0's newest committed
+        checkpoint; `saved_s`, how long committing the step took; `where`, what that checkpoint holds."""
+        checkpoint = self._dist.broadcast_object(last_committed)
+        drain = self.drain if self.drain and self.drain.requested else None
+        if where is None:
+            where = "end of epoch" if position.epoch_complete else "step"
+        stopped = Preempted(position.epoch, position.step, checkpoint, where=where,
+                            reason=drain.reason if drain else "", drain=drain is not None)
+        if where != "no checkpoint of the step":
+            self._log(stopped, saved_s)
+        raise stopped
+
+    def _noticed(self) -> bool:
+        return bool(self.notice and self.notice.requested) or bool(self.drain and self.drain.requested)
+
+    def _log(self, stopped: Preempted, saved_s: float) -> None:
+        if self.rank == 0:
+            reason = self.notice.reason if self.notice else "notice"
+            log.warning("%s (%s). Stopping took %.2f s after the step (a step takes %.2f s, the save %.2f s): a "
+                        "notice shorter than a step plus a save falls back to the last committed checkpoint",
+                        stopped, reason, saved_s + self.step_s, self.step_s, saved_s)
+        drain = self.drain
+        if drain is not None and stopped.drain and drain.deadline is not None \
+                and drain.deadline - drain.seen_at < self.step_s + saved_s:
+            log.warning("the drain of this rank's node gave %.1f s of notice, less than a step plus a save "
+                        "(%.2f s + %.2f s): had the node gone at its deadline, the run would have resumed at the "
+                        "last committed checkpoint; a smaller checkpoint_every_steps loses less then",
+                        drain.deadline - drain.seen_at, self.step_s, saved_s)
+
+    def close(self) -> None:
+        for watcher in (self.notice, self.drain):
+            if watcher is not None:
+                watcher.close()
+
+
+def _drain_watch(store: CheckpointStore, lineage: str, fence: int, rank: int) -> DrainWatch | None:
+    """A DrainWatch of this rank's node; None (logged) where Ray cannot say (no drain is then seen)."""
+    try:
+        return DrainWatch(store, lineage, fence, rank)
+    except Exception as err:
+        log.warning("rank %d cannot watch its Ray node for a drain (%s): a drain stops nothing early", rank, err)
+        return None
