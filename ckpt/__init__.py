@@ -23,7 +23,6 @@ from .lease import Lease, LeaseRecord
 from .manifest import CheckpointRef, FileEntry, Manifest, Position
 from .names import checkpoint_id, validate_name
 from .retention import Decision, RetentionPlan, RetentionPolicy, apply, collect, plan, prune
-from .sampler import ResumableSampler
 from .state import RankRNG, TrainingState, capture_rng, decode, encode, model_digest, restore_rng
 from .store import CheckpointStore
 
@@ -32,7 +31,7 @@ __all__ = [
     "CheckpointRef", "CheckpointStore", "CheckpointUndecodable", "Decision", "FileEntry", "InjectedFault",
     "InvalidArgument",
     "InvalidFault", "InvalidName", "Lease", "LeaseHeld", "LeaseLost", "LeaseRecord", "LeaseUnreadable",
-    "Manifest", "ManifestUnreadable", "Position", "RankRNG", "ResumableSampler",
+    "Manifest", "ManifestUnreadable", "Position", "RankRNG",
     "RetentionPlan", "RetentionPolicy", "StoreUnreachable", "UnreadableFile", "apply", "collect", "faults", "plan", "prune",
     "TrainingState", "capture_rng", "checkpoint_id", "decode", "encode", "model_digest",
     "restore_rng", "validate_name",
