@@ -126,3 +126,17 @@ def notice_on_last_batch(ctx) -> None:
                 time.sleep(0.8)
             ctx.step(loss=loss.item())
         ctx.end_epoch()
+
+
+def steps_mid_window(ctx) -> None:
+    """Wrong on purpose: accumulates over 4 micro-batches but calls ctx.step on every one."""
+    model = nn.Linear(12, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    ctx.restore(model=model, optimizer=optimizer)
+    loader = ctx.loader(Noisy(), batch_size=8)
+    for _ in ctx.epochs():
+        for (x, y), _step in ctx.accumulate(loader, every=4):
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            ctx.step()
+        ctx.end_epoch()

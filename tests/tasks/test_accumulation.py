@@ -23,9 +23,19 @@ def test_the_language_model_killed_mid_epoch_with_accumulation_resumes_bit_ident
     # Killed in epoch 1 after its 6th micro-batch (the 3rd optimizer step), whose checkpoint is committed.
     _train_until_failure(tmp_path, "killed", fail={"epoch": 1, "batch": 6}, **common)
     killed_at = CheckpointStore(str(tmp_path)).latest("killed")
-    assert (killed_at.epoch, killed_at.position.epoch_complete) == (1, False)
-    resumed, resumed_reports = _train(tmp_path, "killed", **common)
     steps_per_epoch = (batches + 1) // 2
+    # The checkpointed position counts the loader's micro-batches, the step the optimizer's steps.
+    assert (killed_at.epoch, killed_at.position.epoch_complete) == (1, False)
+    assert killed_at.position.batch_in_epoch == 2 * (killed_at.step - steps_per_epoch) > 0
+    resumed, resumed_reports = _train(tmp_path, "killed", **common)
     assert straight.step == resumed.step == 2 * steps_per_epoch
     assert resumed.digest == straight.digest
     assert resumed_reports[-1]["loss"] == pytest.approx(straight_reports[-1]["loss"], rel=1e-12)
+
+
+def test_a_step_in_the_middle_of_an_accumulation_window_is_an_error_before_anything_is_committed(tmp_path):
+    from tasks.errors import LoopError
+
+    with pytest.raises(LoopError, match="ctx.step in the middle of an accumulation window"):
+        _train(tmp_path, "midway", loop="tests.tasks.loops:steps_mid_window", epochs=1, checkpoint_every_steps=1)
+    assert CheckpointStore(str(tmp_path)).list("midway") == []
