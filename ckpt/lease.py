@@ -13,8 +13,10 @@ import os
 import re
 import socket
 import threading
+import time
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
+from typing import Callable
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -60,13 +62,21 @@ def _pid_alive(pid: int) -> bool:
 
 
 class Lease:
-    """The single-writer lease of one lineage. Use as a context manager around a run."""
+    """The single-writer lease of one lineage. Use as a context manager around a run.
 
-    def __init__(self, store, lineage: str, owner: str | None = None, ttl_s: float = 30.0):
+    Time comes in as arguments, so tests of expiry and heartbeats need not sleep: `clock` gives
+    the wall-clock time in seconds (heartbeats and expiry are compared across machines, so it is
+    wall time, not monotonic), and `wait(stop, seconds)` is how the heartbeat thread waits
+    between beats (True: the lease is being released)."""
+
+    def __init__(self, store, lineage: str, owner: str | None = None, ttl_s: float = 30.0, *,
+                 clock: Callable[[], float] = time.time,
+                 wait: Callable[[threading.Event, float], bool] = threading.Event.wait):
         self.store = store
         self.lineage = lineage
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.ttl_s = ttl_s
+        self._clock, self._wait = clock, wait
         self.fence: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -100,9 +110,12 @@ class Lease:
                 f"was taken over; it is now held by {holder}. The newer run owns the lineage."
             )
 
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock(), timezone.utc)
+
     def _record(self) -> LeaseRecord:
         return LeaseRecord(owner=self.owner, host=socket.gethostname(), pid=os.getpid(),
-                           fence=self.fence, heartbeat_at=utcnow(), ttl_s=self.ttl_s)
+                           fence=self.fence, heartbeat_at=self._now(), ttl_s=self.ttl_s)
 
     def _write(self) -> None:
         _io.write_atomic(self.store.fs, f"{self._folder}/current.json", self._record().model_dump_json().encode())
@@ -113,7 +126,7 @@ class Lease:
         # record, released, or still being taken (which counts as held until its holder dies).
         highest = self._highest_claim()
         current = Lease.current(self.store, self.lineage)
-        if current is not None and current.holder_alive() and current.owner != self.owner:
+        if current is not None and current.holder_alive(self._now()) and current.owner != self.owner:
             raise LeaseHeld(
                 f"lineage {self.lineage!r} is being trained by {current.describe()}. "
                 "Wait for that run to finish, stop it, or train another lineage with --lineage; "
@@ -140,7 +153,7 @@ class Lease:
             claim = LeaseRecord.model_validate_json(_io.read_bytes(self.store.fs, f"{self._folder}/claim-{fence:012d}"))
         except ValueError:  # a claim written before claims carried a record: its holder recorded it or left
             return True
-        return not claim.holder_alive()
+        return not claim.holder_alive(self._now())
 
     def _highest_claim(self) -> int:
         if not self.store.fs.exists(self._folder):
@@ -154,7 +167,7 @@ class Lease:
         self._write()
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.ttl_s / 3):
+        while not self._wait(self._stop, self.ttl_s / 3):
             try:
                 self.heartbeat()
             except LeaseLost as err:

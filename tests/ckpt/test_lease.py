@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,48 @@ def commit_files(epoch: int = 0, step: int = 1):
     files = encode(TrainingState(model=torch.nn.Linear(3, 2).state_dict(), position=pos))
     digest = files.digest
     return pos, files, digest
+
+
+class FakeClock:
+    """Wall time that moves only when the test moves it, and the heartbeat's wait on it: a test of
+    expiry or of heartbeats runs in no time, and each `tick` is seen whole by a waiting heartbeat."""
+
+    def __init__(self):
+        self.now = time.time()  # near real time: records stay plausible to other readers
+        self._moved = threading.Condition()
+        self._waits = self._ticked = 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def datetime(self) -> datetime:
+        return datetime.fromtimestamp(self.now, timezone.utc)
+
+    def advance(self, seconds: float) -> None:
+        with self._moved:
+            self.now += seconds
+            self._moved.notify_all()
+
+    def wait(self, stop: threading.Event, seconds: float) -> bool:
+        with self._moved:
+            self._waits += 1
+            self._moved.notify_all()
+            until = self.now + seconds
+            while not stop.is_set() and self.now < until:
+                self._moved.wait(0.01)  # the lease's release sets `stop` without notifying us
+        return stop.is_set()
+
+    def settled(self) -> None:
+        """Until the heartbeat waits again (it has done what the last tick woke it for)."""
+        with self._moved:
+            assert self._moved.wait_for(lambda: self._waits > self._ticked, timeout=10), "the heartbeat is stuck"
+
+    def tick(self, seconds: float) -> None:
+        """Move time on once the heartbeat waits, so it wakes for exactly this step."""
+        self.settled()
+        with self._moved:
+            self._ticked = self._waits
+        self.advance(seconds)
 
 
 def dead_pid() -> int:
@@ -80,12 +123,14 @@ def test_leases_of_different_lineages_are_independent(store):
 
 # ---- taking over -----------------------------------------------------------------------------
 def test_a_lease_whose_ttl_ran_out_is_taken_over_with_a_higher_fence(store):
-    stale = Lease(store, "run", owner="stale", ttl_s=1.0)
+    clock = FakeClock()
+    stale = Lease(store, "run", owner="stale", ttl_s=1.0, clock=clock)
     stale.acquire()  # no heartbeat: acquired outside the context manager
+    clock.advance(0.9)
     with pytest.raises(LeaseHeld):
-        Lease(store, "run", owner="eager", ttl_s=60).acquire()
-    time.sleep(max(0.0, (Lease.current(store, "run").expires_at() - utcnow()).total_seconds()) + 0.05)
-    taker = Lease(store, "run", owner="taker", ttl_s=60)
+        Lease(store, "run", owner="eager", ttl_s=60, clock=clock).acquire()
+    clock.advance(0.15)
+    taker = Lease(store, "run", owner="taker", ttl_s=60, clock=clock)
     assert taker.acquire() == 2
     assert Lease.current(store, "run").owner == "taker"
     with pytest.raises(LeaseLost, match="taker"):
@@ -145,10 +190,11 @@ def test_a_claim_being_taken_by_a_live_writer_is_respected(store):
 
 # ---- fencing ---------------------------------------------------------------------------------
 def test_a_writer_whose_lease_was_taken_over_can_no_longer_commit(store):
-    old = Lease(store, "run", owner="old", ttl_s=0.3)
+    clock = FakeClock()
+    old = Lease(store, "run", owner="old", ttl_s=0.3, clock=clock)
     old_fence = old.acquire()
-    time.sleep(0.4)
-    new = Lease(store, "run", owner="new", ttl_s=60)
+    clock.advance(0.4)
+    new = Lease(store, "run", owner="new", ttl_s=60, clock=clock)
     new_fence = new.acquire()
     assert new_fence > old_fence
 
@@ -168,25 +214,41 @@ def test_a_writer_whose_lease_was_taken_over_can_no_longer_commit(store):
 
 
 # ---- heartbeat -------------------------------------------------------------------------------
-@pytest.mark.slow
 def test_the_heartbeat_keeps_a_lease_alive_well_beyond_its_ttl(store):
-    with Lease(store, "run", owner="long-run", ttl_s=1.0) as lease:
+    clock = FakeClock()
+    with Lease(store, "run", owner="long-run", ttl_s=1.0, clock=clock, wait=clock.wait) as lease:
         first = Lease.current(store, "run").heartbeat_at
-        time.sleep(3.5)  # more than three ttls
+        for _ in range(12):  # four ttls, at one beat per third of a ttl
+            clock.tick(1.0 / 3)
+        clock.settled()
         with pytest.raises(LeaseHeld, match="long-run"):
-            Lease(store, "run", owner="vulture", ttl_s=60).acquire()
+            Lease(store, "run", owner="vulture", ttl_s=60, clock=clock).acquire()
         record = Lease.current(store, "run")
-        assert record.heartbeat_at > first and record.fence == lease.fence
+        assert record.heartbeat_at == clock.datetime() > first and record.fence == lease.fence
         assert lease.lost is None
     assert Lease.current(store, "run") is None  # leaving the block releases it
 
 
 def test_without_a_heartbeat_the_same_lease_goes_stale(store):
-    lease = Lease(store, "run", owner="silent", ttl_s=0.6)
+    clock = FakeClock()
+    lease = Lease(store, "run", owner="silent", ttl_s=0.6, clock=clock)
     lease.acquire()
-    time.sleep(1.0)
-    assert not Lease.current(store, "run").holder_alive()
-    assert Lease(store, "run", owner="vulture", ttl_s=60).acquire() == 2
+    assert Lease.current(store, "run").holder_alive(clock.datetime())
+    clock.advance(1.0)
+    assert not Lease.current(store, "run").holder_alive(clock.datetime())
+    assert Lease(store, "run", owner="vulture", ttl_s=60, clock=clock).acquire() == 2
+
+
+def test_a_heartbeat_that_finds_its_lease_taken_over_stops_and_keeps_why(store):
+    clock, later = FakeClock(), FakeClock()
+    with Lease(store, "run", owner="paused", ttl_s=1.0, clock=clock, wait=clock.wait) as lease:
+        later.advance(2.0)  # a contender whose clock says the holder missed its heartbeats
+        assert Lease(store, "run", owner="successor", ttl_s=60, clock=later).acquire() == 2
+        clock.tick(1.0 / 3)
+        lease._thread.join(10)
+        assert not lease._thread.is_alive() and isinstance(lease.lost, LeaseLost)
+        assert "successor" in str(lease.lost)
+    assert Lease.current(store, "run").owner == "successor"  # the lost holder removes nothing
 
 
 # ---- racing ----------------------------------------------------------------------------------
