@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serial
 from .errors import ManifestUnreadable
 
 MANIFEST_NAME = "manifest.json"
-SCHEMA_VERSION = 3  # 3: BLAKE3 file hashes; 2 (chunked sha256) and 1 (whole-file sha256) still read
+SCHEMA_VERSION = 4  # 4: files may be written by several ranks (FileEntry.rank); 3: BLAKE3 file hashes;
+# 2 (chunked sha256) and 1 (whole-file sha256) still read
 _HEX64 = r"^[0-9a-f]{64}$"
 
 
@@ -31,6 +32,9 @@ class FileEntry(BaseModel):
         default=None, ge=2**16,
         description="Chunked sha256: `sha256` is the sha256 of the concatenated sha256 digests of "
                     "consecutive chunk_size-byte pieces (hashed in parallel). None: of the whole file.")
+    rank: int | None = Field(default=None, ge=0,
+                             description="Schema 4: the rank that wrote the file, in a checkpoint saved by "
+                                         "several ranks (ckpt/sharded.py). None: written by one writer.")
 
     @model_validator(mode="after")
     def _one_hash(self) -> "FileEntry":
@@ -76,7 +80,7 @@ class Manifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    version: Literal[1, 2, 3] = SCHEMA_VERSION
+    version: Literal[1, 2, 3, 4] = SCHEMA_VERSION
     lineage: str
     id: str
     position: Position

@@ -27,6 +27,7 @@ from ._removal import DELETING_MARKER, StoreRemoval
 from .faults import fault_point
 from .manifest import MANIFEST_NAME, CheckpointRef, FileEntry, Manifest, Position, decode_manifest, encode_manifest
 from .names import checkpoint_id, validate_checkpoint_id, validate_name
+from .sharded import ShardedCommit
 
 # DELETING_MARKER lives in ckpt/_removal.py; its import path stays ckpt.store.
 __all__ = ["DELETING_MARKER", "CheckpointStore", "Mode"]
@@ -40,11 +41,12 @@ _encode_manifest = encode_manifest
 _decode_manifest = decode_manifest
 
 
-class CheckpointStore(StoreRemoval):
+class CheckpointStore(StoreRemoval, ShardedCommit):
     """Checkpoints of every lineage under one root: a local folder or any fsspec URL.
 
     Leftovers of failed writes and deleting (`leftovers`, `uncommitted`, `delete`, `remove_leftover`,
-    `remove_temp_file`) are `StoreRemoval`, in ckpt/_removal.py."""
+    `remove_temp_file`) are `StoreRemoval`, in ckpt/_removal.py; the multi-writer commit of sharded
+    state (`write_part` on every rank, `commit_parts` on rank 0) is `ShardedCommit`, in ckpt/sharded.py."""
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         self.fs, self.root, self.url = _io.open_filesystem(url, storage_options)
