@@ -7,6 +7,10 @@ tasks talk to:
     block task k  --take_block(spec k)-->  WarmGroup  --command()-->  rank 0 of the workers
                   <--reached E_k--------             <--reached-----  (after committing epoch E_k)
 
+The protocol itself (which block, how far, when the group ends) is `GroupSchedule`
+(tasks/group_schedule.py), a plain object the actor wraps; this module adds the actor, its fit,
+and the block task's side: finding, starting, watching and replacing the group.
+
 Each block task still says "bring the lineage to epoch E, starting from checkpoint C" and returns
 the checkpoint the workers committed, exactly as a fresh `fit()` would. The workers check that the
 state they hold is C (the checkpoint they committed last) and reload it from the store when it is
@@ -25,9 +29,9 @@ removal to a PlacementGroupCleaner that needs the dashboard's state API, so the 
 re-placed on the remaining nodes, kept the CPUs the next fit needed and the block waited for good.
 So while it waits, the block task checks its group every WATCH_S seconds: whether the actor
 answers, and whether every node that ran the actor or one of its workers is alive (`ray.nodes()`).
-When not, it tears the group down (`sweep`: the actor, the placement groups of its Ray Train runs and
-their cleaners; the controller, workers and their helpers go with those) and raises GroupLost; the
-block then trains on a fresh `fit()` from the store, which places its workers on the nodes left.
+When not, it tears the group down (the actor; then `sweep`, in tasks/_group_cleanup.py: the placement
+groups of its Ray Train runs and their cleaners; the controller, workers and their helpers go with
+those) and raises GroupLost; the block then trains on a fresh `fit()` from the store, which places its workers on the nodes left.
 A worker process lost on a live node is still Ray Train's to restart (`max_failures`), inside the group.
 A draining node is left to the drain (tasks/runtime/stop.py); but a group whose training failed while one
 of its nodes is draining or dead is torn down too, so the retry does not reuse an actor whose node
@@ -36,21 +40,19 @@ cannot take the controller of a new fit.
 
 from __future__ import annotations
 
-import logging
+import math
 import os
-import threading
-import time
 import uuid
 
 import ray
 
-from .errors import GroupFailed, GroupLost
+from ._group_cleanup import sweep
+from .errors import GroupLost
+from .group_schedule import GroupSchedule
 from .runtime import _ray_internals
 from .runtime.group import NAMESPACE, BlockCommand, BlockResult, GroupKey, GroupState
 from .runtime.spec import BlockSpec
-from .runtime.waiting import wait_for
-
-log = logging.getLogger("baton.warm")
+from .runtime.waiting import Poller, wait_for
 
 
 def group_name(spec: BlockSpec, flow_run: str) -> str:
@@ -59,130 +61,47 @@ def group_name(spec: BlockSpec, flow_run: str) -> str:
 
 @ray.remote(num_cpus=0, max_concurrency=8, max_restarts=0)
 class WarmGroup:
-    """One lineage's worker group for one flow run. Methods run on the actor's threads."""
+    """One lineage's worker group for one flow run: its schedule (tasks/group_schedule.py) and
+    its fit, on the actor's threads."""
 
     def __init__(self, key: GroupKey, idle_timeout_s: float):
-        self.key, self.idle_timeout_s = key, idle_timeout_s
-        self._cond = threading.Condition()
-        self._target: BlockCommand | None = None
-        self._reached, self._last_id, self._pids = 0, None, set()
-        # Every node that ran one of the group's workers, and every placement group they ran in,
-        # for the block task's watch (a lost node) and for the clean-up of a lost group.
-        self._nodes: set[str] = set()
-        self._pgs: set[str] = set()
-        self._fit: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self._stopping, self._active = False, time.monotonic()
-        self._prestarted = False
-        threading.Thread(target=self._watchdog, daemon=True, name="warm-watchdog").start()
+        self.schedule = GroupSchedule(key, idle_timeout_s, fit=_fit)
+        # Exit the actor process once no training runs and the group is done or idle: nothing of
+        # the group is left behind.
+        Poller(self._exit_if_finished, 1.0, "warm-watchdog").start()
 
     # ---- the block task's side
     def describe(self) -> GroupState:
-        with self._cond:
-            return GroupState(key=self.key, running=self._running(),
-                              error=f"{type(self._error).__name__}: {self._error}" if self._error else None,
-                              pid=os.getpid(), node=ray.get_runtime_context().get_node_id(),
-                              nodes=sorted(self._nodes), pgs=sorted(self._pgs))
+        return self.schedule.state(os.getpid(), ray.get_runtime_context().get_node_id())
 
     def take_block(self, spec: BlockSpec, start_id: str | None) -> BlockResult:
-        """Bring the lineage to the block's end epoch; returns once the workers committed it.
-        A training failure is raised as GroupFailed from the error the group's `fit()` raised."""
-        with self._cond:
-            self._active = time.monotonic()
-            if self.key.fence is None:  # prestarted: the first block brings the lease's fence
-                self.key = self.key.model_copy(update={"fence": spec.fence})
-            self._target = BlockCommand.of(spec, start_id)
-            start = not self._running()
-            fresh = start or self._reached == 0  # the group's first block (started now, or prestarted)
-            if start:
-                self._error, self._reached = None, 0
-                self._fit = threading.Thread(target=self._train, args=(spec,), daemon=True, name="warm-fit")
-                self._fit.start()
-            self._cond.notify_all()
-            while self._reached < spec.end_epoch and self._running() and not self._error:
-                self._cond.wait(1.0)
-            self._active = time.monotonic()
-            if self._reached >= spec.end_epoch:
-                return BlockResult(fresh=fresh, prestarted=fresh and self._prestarted and not start,
-                                   pids=sorted(self._pids), checkpoint=self._last_id)
-            raise GroupFailed(f"the warm worker group ended before epoch {spec.end_epoch} was committed"
-                              + (f": {type(self._error).__name__}: {self._error}" if self._error else "")) \
-                from self._error
+        return self.schedule.take_block(spec, start_id)
 
     def prestart(self, spec: BlockSpec) -> None:
-        """Start the Ray Train run now; its workers wait in `join_group` for the first block."""
-        with self._cond:
-            if not self._running():
-                self._prestarted = True
-                self._error, self._reached = None, 0
-                self._fit = threading.Thread(target=self._train, args=(spec,), daemon=True, name="warm-fit")
-                self._fit.start()
+        self.schedule.prestart(spec)
 
     def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
+        self.schedule.stop()
 
-    # ---- rank 0's side
+    # ---- rank 0's side, and every worker's (tasks/runtime/group.py)
     def command(self, epochs_done: int, last_id: str | None, pid: int) -> BlockCommand | None:
-        """The group reached `epochs_done`; wait for a block past it. None: leave the loop."""
-        with self._cond:
-            self._reached, self._last_id = epochs_done, last_id
-            self._pids.add(pid)
-            self._cond.notify_all()
-            deadline = time.monotonic() + self.idle_timeout_s
-            while not self._stopping:
-                target = self._target
-                if target is not None and target.end_epoch > epochs_done:
-                    return target
-                if target is not None and target.last:
-                    return None  # the flow's last block is done: the group ends with it
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    log.info("no block for %.0f s: the worker group ends", self.idle_timeout_s)
-                    return None
-                self._cond.wait(min(remaining, 1.0))
-            return None
+        return self.schedule.command(epochs_done, last_id, pid)
 
     def current(self) -> BlockCommand | None:
-        """The block in progress, for workers that (re)started inside it."""
-        with self._cond:
-            return self._target
+        return self.schedule.current()
 
     def note_pid(self, pid: int, node: str | None = None, pg: str | None = None) -> None:
-        with self._cond:
-            self._pids.add(pid)
-            self._nodes.update([node] if node else [])
-            self._pgs.update([pg] if pg else [])
+        self.schedule.note_pid(pid, node, pg)
 
-    # ---- inside
-    def _running(self) -> bool:
-        return self._fit is not None and self._fit.is_alive()
+    def _exit_if_finished(self) -> None:
+        if self.schedule.finished():
+            os._exit(0)
 
-    def _train(self, spec: BlockSpec) -> None:
-        from .trainer import build_trainer
 
-        try:
-            build_trainer(spec, "warm").fit()
-        except BaseException as err:  # handed to the block task waiting in take_block, as it is
-            with self._cond:
-                self._error = err
-        finally:
-            with self._cond:
-                self._active = time.monotonic()
-                self._cond.notify_all()
+def _fit(spec: BlockSpec) -> None:
+    from .trainer import build_trainer
 
-    def _watchdog(self) -> None:
-        """Exit the actor process once no training runs and nothing happened for the idle timeout
-        (or at once after the last block): nothing of the group is left behind."""
-        while True:
-            time.sleep(1.0)
-            with self._cond:
-                idle = time.monotonic() - self._active
-                target = self._target
-                done = self._stopping or (target is not None and target.last and self._reached >= target.end_epoch)
-                if not self._running() and (done or idle > self.idle_timeout_s):
-                    os._exit(0)
+    build_trainer(spec, "warm").fit()
 
 
 WATCH_S = 2.0  # how often the block task checks its group while it waits
@@ -235,16 +154,29 @@ def _wait(group, ref, pgs: set[str]) -> BlockResult:
     that ran it or its workers died. Ray Train 2.60 does not fail a run whose node is lost: its
     controller restarts the workers, and when the controller was on the lost node (it runs where
     the group's actor runs) its placement group outlives it and holds the CPUs a new run needs."""
-    while True:
-        ready, _ = ray.wait([ref], timeout=WATCH_S)
+    def result() -> list[BlockResult] | None:
+        ready, _ = ray.wait([ref], timeout=0)
         if ready:
-            return ray.get(ready[0])
-        state = ray.get(group.describe.remote(), timeout=30)
-        pgs.update(state.pgs)
-        dead = set(state.nodes) | {state.node}
-        dead &= {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
-        if dead:
-            raise GroupLost(f"node {sorted(dead)[0][:12]} of the warm worker group died")
+            return [ray.get(ready[0])]
+        _check_nodes(group, pgs)
+        return None
+
+    # Between checks, wait on the result itself: it returns the moment the block is done. The
+    # first check comes after one interval too (a group's actor may be starting still).
+    ray.wait([ref], timeout=WATCH_S)
+    (done,) = wait_for(result, timeout_s=math.inf, interval_s=WATCH_S,
+                       sleep=lambda seconds: ray.wait([ref], timeout=seconds))
+    return done
+
+
+def _check_nodes(group, pgs: set[str]) -> None:
+    """Raise GroupLost when a node that ran the group's actor or one of its workers died."""
+    state = ray.get(group.describe.remote(), timeout=30)
+    pgs.update(state.pgs)
+    dead = set(state.nodes) | {state.node}
+    dead &= {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
+    if dead:
+        raise GroupLost(f"node {sorted(dead)[0][:12]} of the warm worker group died")
 
 
 def _usable_group(name: str, spec: BlockSpec, logger):
@@ -253,8 +185,7 @@ def _usable_group(name: str, spec: BlockSpec, logger):
         state = ray.get(group.describe.remote(), timeout=30)
     except (ValueError, ray.exceptions.RayError):
         return None  # none yet, or gone
-    key = state.key if state.key.fence is not None else state.key.model_copy(update={"fence": spec.fence})
-    if key == GroupKey.of(spec):
+    if state.key.serves(spec):
         return group
     logger.info("the warm worker group of %s was started under another lease or config: replacing it", spec.lineage)
     ray.get(group.stop.remote())
@@ -285,59 +216,3 @@ def prestart(spec: BlockSpec, options: dict) -> str:
         GroupKey.of(spec, fence=None), spec.settings.warm_idle_timeout_s)
     group.prestart.remote(spec.model_copy(update={"warm_group": name}))
     return name
-
-
-# ---- clean-up of a lost group -------------------------------------------------------------------
-
-def sweep(name: str, pgs, logger) -> None:
-    """Remove what a dead or abandoned group `name` left: the placement groups of its Ray Train
-    runs and their PlacementGroupCleaner actors.
-
-    Killing the group's actor takes its TrainController with it (the controller is its child,
-    on its node), and the controller's workers, sync actor and dataset manager with that. Not the
-    placement group: Ray scopes it to the job (the flow run's driver), which lives on, and leaves
-    its removal to a detached PlacementGroupCleaner that asks the state API whether the controller
-    died, so on a cluster without a dashboard neither ever goes (the placement group keeps the CPUs
-    the next fit needs, the cleaner loops for good). The actors come from the GCS tables, which
-    answer without a dashboard; a failure here is logged, never raised."""
-    try:
-        from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-        actors = _ray_internals.actors()
-        groups = {a.worker_id for a in actors if a.name == name and a.class_name == "WarmGroup"}
-        controllers = [a for a in actors if a.class_name == _ray_internals.TRAIN_CONTROLLER
-                       and a.owner_worker_id in groups]
-        creators, known = {a.actor_id for a in controllers}, set(pgs)
-        for pg in _ray_internals.placement_groups():
-            if (pg.creator_actor_id in creators or pg.id.hex() in known) and not pg.removed:
-                remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.id)))
-                logger.info("removed placement group %s of the lost warm worker group", pg.id.hex()[:12])
-        controller_workers = {a.worker_id for a in controllers}
-        for cleaner in actors:
-            if cleaner.class_name == _ray_internals.PLACEMENT_GROUP_CLEANER and cleaner.alive \
-                    and cleaner.owner_worker_id in controller_workers:
-                _kill_actor_process(cleaner.node_id, cleaner.pid, f"ray::{_ray_internals.PLACEMENT_GROUP_CLEANER}")
-    except Exception as err:  # noqa: BLE001 - the block falls back to a fresh fit either way; said, not raised
-        logger.warning("could not clean up after the lost warm worker group %s: %s: %s", name, type(err).__name__, err)
-
-
-def _kill_actor_process(node: str, pid: int, title: str) -> None:
-    """SIGKILL an actor's process (one this process holds no handle of) on its node; Ray marks the
-    actor dead. The process title is checked first: a pid may have been reused."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    def kill(pid: int, title: str) -> bool:
-        import signal
-
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if not f.read().startswith(title.encode()):
-                    return False
-            os.kill(pid, signal.SIGKILL)
-            return True
-        except OSError:
-            return False
-
-    task = ray.remote(num_cpus=0, max_retries=0)(kill).options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-    ray.get(task.remote(pid, title), timeout=60)

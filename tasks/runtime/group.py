@@ -38,6 +38,12 @@ class GroupKey(BaseModel):
         return cls(lineage=spec.lineage, fence=spec.fence if fence == -1 else fence, config_hash=spec.config_hash,
                    settings=spec.settings.model_dump(mode="json"), import_paths=list(spec.import_paths))
 
+    def serves(self, spec: BlockSpec) -> bool:
+        """Whether a group of this key may train block `spec`: the same training under the same
+        lease. A prestarted group (no fence yet) takes the fence of its first block."""
+        key = self if self.fence is not None else self.model_copy(update={"fence": spec.fence})
+        return key == GroupKey.of(spec)
+
 
 class BlockCommand(BaseModel):
     """Bring the lineage to the end of epoch `end_epoch - 1`, starting from checkpoint `start_id`."""
@@ -56,6 +62,11 @@ class BlockCommand(BaseModel):
     @classmethod
     def of(cls, spec: BlockSpec, start_id: str | None) -> "BlockCommand":
         return cls(index=spec.index, end_epoch=spec.end_epoch, fence=spec.fence, last=spec.last, start_id=start_id)
+
+    def for_workers_at(self, last_id: str | None) -> "BlockCommand":
+        """This command as rank 0 takes it, its workers holding checkpoint `last_id` (the one they
+        committed last): they reload from the store when the block starts from another one."""
+        return self.model_copy(update={"reload": self.start_id is not None and self.start_id != last_id})
 
     def applied_to(self, spec: BlockSpec) -> BlockSpec:
         """The block `spec` becomes when the group takes this command."""
@@ -113,6 +124,4 @@ def fetch_command(name: str, epochs_done: int, last_id: str | None) -> BlockComm
     import ray
 
     command = ray.get(_group(name).command.remote(epochs_done, last_id, os.getpid()))
-    if command is None:
-        return None
-    return command.model_copy(update={"reload": command.start_id is not None and command.start_id != last_id})
+    return None if command is None else command.for_workers_at(last_id)
