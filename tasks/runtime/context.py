@@ -36,7 +36,7 @@ from . import faults
 from .collectives import Collectives
 from .commit import Committer
 from .errors import LoopError
-from .loader import BatonLoader, make_loader
+from .loader import BatonLoader, RankLoaders
 from .progress import BlockCursor, EpochMeans, Reports
 from .recipes import RecipeParams
 from .resume import Resumer
@@ -69,14 +69,13 @@ class TrainContext:
         self._reports = Reports(report or (lambda metrics: None), hold_until_committed=background)
         self._objects: dict[str, Any] = {}
         self._user_state: dict[str, Any] = {}
-        self._loaders: list[BatonLoader] = []
+        self._loaders = RankLoaders(rank, world_size, spec.params.seed)
         self._restored: TrainingState | None = None  # until its loader positions and RNG are applied
         self._position = Position(epoch=0, batch_in_epoch=0, epoch_complete=False, step=0)
         self._epoch: int | None = None
         self._epoch_ended = True
         self._committed_step = -1
         self._uses_dataset_shards = False
-        self._window_open = False  # ctx.accumulate: a micro-batch of an unfinished window was yielded
         self._exhausted = False
         self._created = time.perf_counter()
         self.ready_s: float | None = None
@@ -110,12 +109,12 @@ class TrainContext:
     def batch_in_epoch(self) -> int:
         """Batches of this epoch the (first) ctx.loader has yielded, those before a resume included:
         inside `for batch in loader:` the 1-based number of the batch in hand."""
-        return self._first_loader("ctx.batch_in_epoch").batches_done
+        return self._loaders.first("ctx.batch_in_epoch").batches_done
 
     @property
     def batches_in_epoch(self) -> int:
         """The batches an epoch of the (first) ctx.loader has on this rank (the same on every rank)."""
-        return len(self._first_loader("ctx.batches_in_epoch"))
+        return len(self._loaders.first("ctx.batches_in_epoch"))
 
     # ---- the five calls
     def restore(self, model: torch.nn.Module | None = None, optimizer: Any = None, scheduler: Any = None,
@@ -173,23 +172,17 @@ class TrainContext:
         """A `DataLoader` over this rank's shard of `dataset` whose position is saved in every
         checkpoint: after a mid-epoch resume it continues at the next unseen batch. Other keywords
         go to torchdata's `StatefulDataLoader` (num_workers, pin_memory, collate_fn...)."""
-        if "sampler" in kwargs or "batch_sampler" in kwargs:
-            raise LoopError("ctx.loader shards the data over the ranks itself: pass no sampler/batch_sampler "
-                            "(use shuffle=False for a fixed order)")
-        loader = make_loader(dataset, batch_size, rank=self.rank, world_size=self.world_size,
-                             seed=self.params.seed, shuffle=shuffle, **kwargs)
-        self._loaders.append(loader)
-        return loader
+        return self._loaders.make(dataset, batch_size, shuffle=shuffle, **kwargs)
 
     def step(self, **metrics: float) -> None:
         """After each optimizer step: count it, add `metrics` to the epoch's means, commit a
         checkpoint every `checkpoint_every_steps` steps (and log the samples for the audit)."""
         epoch = self._require_epoch("ctx.step")
-        if self._window_open:
+        if self._loaders.window_open:
             raise LoopError("ctx.step in the middle of an accumulation window: step the optimizer and call "
                             "ctx.step only where `for batch, step in ctx.accumulate(...)` gives step=True")
         self._means.add(metrics, epoch=epoch, step=self._position.step + 1)
-        self._audit()
+        self._loaders.audit(self.spec.settings.sample_log)
         self._position = Position(epoch=epoch, batch_in_epoch=self._data_position(), epoch_complete=False,
                                   step=self._position.step + 1)
         every = self.spec.settings.checkpoint_every_steps
@@ -202,7 +195,7 @@ class TrainContext:
         """At the end of each epoch, on every rank: commit the epoch. `metrics` (validation...) are
         averaged over the ranks and stored with the step metrics' epoch means. Returns them."""
         epoch = self._require_epoch("ctx.end_epoch")
-        self._audit()
+        self._loaders.audit(self.spec.settings.sample_log)
         stop_after = self._stop.at_epoch_end()
         self._position = self._position.model_copy(update={"epoch": epoch, "epoch_complete": True})
         reduced = self._checkpoint(report=True, epoch_metrics=metrics)
@@ -219,19 +212,7 @@ class TrainContext:
         a mid-epoch resume) and on the epoch's last batch, which ends a shorter window. Step the
         optimizer and call `ctx.step` exactly there: checkpoints are taken at `ctx.step`, so none
         splits a window (the gradients of a half-done window are not saved)."""
-        if not isinstance(loader, BatonLoader) or loader not in self._loaders:
-            raise LoopError("ctx.accumulate(loader, ...) takes a loader made by ctx.loader: only its position "
-                            "is known after a resume")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise LoopError(f"ctx.accumulate(..., every={every!r}): every is a number of micro-batches, 1 or more")
-        try:
-            for batch in loader:
-                done = loader.batches_done
-                step = done % every == 0 or done == len(loader)
-                self._window_open = not step
-                yield batch, step
-        finally:
-            self._window_open = False
+        return self._loaders.accumulate(loader, every)
 
     def prepare_model(self, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
         """`ray.train.torch.prepare_model` under Ray Train; on one process, the model on `ctx.device`."""
@@ -313,12 +294,8 @@ class TrainContext:
         if not resume:
             self._position = Position(epoch=epoch, batch_in_epoch=0, epoch_complete=False, step=self._position.step)
             self._means.reset()
-        pending = self._resumer.loader_states(self._restored, len(self._loaders)) if resume else None
-        for i, loader in enumerate(self._loaders):
-            loader.set_epoch(epoch)
-            if pending is not None:
-                loader.load_state_dict(pending[i])
-            loader.audit_from(loader.batches_done if pending is not None else 0)
+        saved = self._resumer.loader_states(self._restored, len(self._loaders)) if resume else None
+        self._loaders.begin_epoch(epoch, saved)
         self._restored = None
 
     # ---- steps, stops, checkpoints
@@ -347,8 +324,7 @@ class TrainContext:
     def _checkpoint(self, report: bool, epoch_metrics: dict[str, float] | None = None) -> dict[str, float]:
         # Collectives first, in the same order on every rank; the background save does none.
         metrics, progress = self._means.reduce(self._dist, epoch_metrics)
-        ranks = self._dist.gather_object({"rng": capture_rng(),
-                                          "loaders": [loader.state_dict() for loader in self._loaders]})
+        ranks = self._dist.gather_object({"rng": capture_rng(), "loaders": self._loaders.state_dicts()})
         error = None
         if self._committer is not None:
             state = self._resumer.capture(self._objects, self._user_state, self._position, ranks, progress)
@@ -363,37 +339,22 @@ class TrainContext:
         return self._committer.parent if self._committer else None
 
     def _mid_epoch_checkpoint_possible(self) -> bool:
-        # A mid-epoch position is only restorable through ctx.loader; at the loader's last batch
-        # the epoch-end commit follows (the same step would otherwise be committed twice).
-        if self._uses_dataset_shards or not self._loaders:
-            return False
-        return all(loader.batches_done < len(loader) for loader in self._loaders)
+        # A mid-epoch position is only restorable through ctx.loader (Ray Data keeps none).
+        return not self._uses_dataset_shards and self._loaders.mid_epoch()
 
     def _data_position(self) -> int:
-        # The batches trained, as the loaders count them (with accumulation, several a step); mid-
-        # epoch only the loader being trained on has moved. Without a ctx.loader: one a step.
-        if self._loaders:
-            return max(loader.batches_done for loader in self._loaders)
-        return self._position.batch_in_epoch + 1
+        # The batches trained, as the loaders count them (with accumulation, several a step).
+        # Without a ctx.loader (no mid-epoch checkpoint then): one a step.
+        return self._loaders.batches_done() if self._loaders else self._position.batch_in_epoch + 1
 
     def _fault_point(self, epoch: int) -> None:
         faults.at_batch(self.spec.settings.fail, self.store, self.spec.lineage, self.rank, epoch,
                         self._position.batch_in_epoch)
 
-    def _first_loader(self, call: str) -> BatonLoader:
-        if not self._loaders:
-            raise LoopError(f"{call} counts the batches of a ctx.loader: make one with ctx.loader(...) first")
-        return self._loaders[0]
-
     def _require_epoch(self, call: str) -> int:
         if self._epoch is None:
             raise LoopError(f"{call} is called inside `for epoch in ctx.epochs():`")
         return self._epoch
-
-    def _audit(self) -> None:
-        if self.spec.settings.sample_log:
-            for loader in self._loaders:
-                loader.write_audit(self.spec.settings.sample_log, self.rank)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
