@@ -91,11 +91,17 @@ class RetentionPolicy(BaseModel):
 
 
 
-def format_duration(value: timedelta) -> str:
-    """A compact duration for humans: 90 s -> '1m30s', 7 days -> '7d'."""
-    seconds, parts = int(value.total_seconds()), []
+def format_duration(value: timedelta | float) -> str:
+    """A compact duration for humans, Baton's one formatter (retention reasons, the terminal):
+    90 s -> '1m30s', 7 days -> '7d', 48.23 s -> '48.2s'. Under a minute a fraction is kept to a
+    tenth of a second; from a minute on, whole seconds. Negative values count as 0."""
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    seconds = max(0.0, seconds)
+    if seconds < 59.95 and round(seconds, 1) != round(seconds):
+        return f"{seconds:.1f}s"
+    whole, parts = round(seconds), []
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        count, seconds = divmod(seconds, size)
+        count, whole = divmod(whole, size)
         if count:
             parts.append(f"{count}{unit}")
     return "".join(parts) or "0s"

@@ -2,55 +2,29 @@
 
 Everything the process and its children write (Ray's start-up banners, its forwarded worker output
 such as `Reporting training result ... TrainingReport(...)`, C++ `core_worker.cc` lines, Prefect's
-own chatter) goes to a log file, in full; only the flow's and the block tasks' run-log lines reach
-the terminal, shortened. The redirection is at the file-descriptor level because much of that output
-is written by C++ code and by Ray's log-forwarding thread, not through Python's logging.
+own chatter) goes to a log file, in full. The redirection is at the file-descriptor level because
+much of that output is written by C++ code and by Ray's log-forwarding thread, not through Python's
+logging. The lines a person reads come from structured log records instead (`_run_log.RunLog`: the
+flow's and the block tasks' run logs), the progress from the store.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import sys
 import tempfile
 import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 from rich.console import Console
-from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-# Ray prefixes forwarded lines with "(ActorOrTask pid=N[, ip=...])"; deduplicated ones end in
-# "[repeated Nx across cluster]".
-_RAY_PREFIX = re.compile(r"^\((?P<source>[^()]*?) pid=\d+(?:, ip=[^()]*)?\)\s?")
-_PREFECT_RUN_LINE = re.compile(r"^(?P<time>\d\d:\d\d:\d\d)(?:\.\d+)? \| (?P<level>[A-Z]+)\s*\| "
-                               r"(?:(?P<kind>Flow run|Task run) '(?P<name>[^']*)'|(?P<logger>[\w.]+)) - (?P<message>.*)$")
-# Besides the run loggers, Baton's own loggers (in Prefect's format when Prefect set up logging).
-_BATON_LOGGERS = ("ckpt", "tasks", "flows", "baton")
-# Run-log lines that say nothing a person at the terminal needs (they stay in the log and the UI).
-# A failure is told once, by `baton train` itself, in one line (the tracebacks stay in the log).
-_QUIET_MESSAGES = ("Finished in state ", "Beginning flow run", "effective config:", "Created task run",
-                   "Submitting task", "Task run failed with exception", "Encountered exception during execution")
-
-
-def baton_line(raw: str) -> str | None:
-    """The terminal form of one line of output, or None when it is not Baton's (Ray's and
-    Prefect's own chatter, tracebacks): a flow or block task's run-log line, shortened."""
-    line = _RAY_PREFIX.sub("", _ANSI.sub("", raw).rstrip("\r\n"), count=1)
-    found = _PREFECT_RUN_LINE.match(line)
-    if found is None or (found["logger"] and found["logger"].split(".")[0] not in _BATON_LOGGERS):
-        return None
-    message = found["message"].removesuffix(" [repeated 2x across cluster]")
-    if message.startswith(_QUIET_MESSAGES):
-        return None
-    level = "" if found["level"] == "INFO" else f"{found['level']}: "
-    where = f"{found['name']}: " if found["kind"] == "Task run" else ""
-    return f"{found['time']} {level}{where}{message}"
+from ckpt.retention import format_duration
 
 
 def default_log_path(lineage: str) -> Path:
@@ -59,11 +33,11 @@ def default_log_path(lineage: str) -> Path:
 
 
 class QuietOutput:
-    """Sends file descriptors 1 and 2 (this process's and its children's output) to a log file,
-    passing the lines `keep` returns text for to `show`. `stdout`/`stderr` write to the terminal."""
+    """Sends file descriptors 1 and 2 (this process's and its children's output) to a log file.
+    `stdout`/`stderr` write to the terminal."""
 
-    def __init__(self, log_path: Path, show: Callable[[str], None], keep=baton_line):
-        self.log_path, self.show, self.keep = log_path, show, keep
+    def __init__(self, log_path: Path):
+        self.log_path = log_path
         self.stdout: TextIO = sys.stdout
         self.stderr: TextIO = sys.stderr
         self._thread: threading.Thread | None = None
@@ -84,23 +58,11 @@ class QuietOutput:
         return self
 
     def _pump(self, read_end: int) -> None:
+        # Through a pipe rather than straight to the file: the fds keep one writer that this
+        # process can point elsewhere at exit, whatever the children hold.
         with os.fdopen(read_end, "rb", buffering=0) as pipe:
-            pending = b""
             while chunk := pipe.read(65536):
                 self._log.write(chunk)
-                *lines, pending = (pending + chunk).split(b"\n")
-                for line in lines:
-                    self._keep(line)
-            if pending:
-                self._keep(pending)
-
-    def _keep(self, line: bytes) -> None:
-        try:
-            text = self.keep(line.decode("utf-8", errors="replace"))
-            if text is not None:
-                self.show(text)
-        except Exception:  # showing a line must never stop the log from being written
-            pass
 
     def __exit__(self, *exc) -> None:
         sys.stdout.flush()
@@ -113,28 +75,47 @@ class QuietOutput:
             self._thread.join(timeout=2)
 
 
-def _seconds(value: float | None) -> str:
-    if value is None:
-        return "-"
-    value = max(0.0, value)
-    if value < 90:
-        return f"{value:.0f} s"
-    if value < 5400:
-        return f"{value / 60:.0f} min"
-    return f"{value / 3600:.1f} h"
+def _duration(value: float | None) -> str:
+    return "-" if value is None else format_duration(round(value))
 
 
 def _metrics_text(metrics: dict[str, float]) -> str:
     return "  ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())) or "-"
 
 
+class _CommitColumn(ProgressColumn):
+    """Step, metrics and the time since the last commit (it grows between refreshes)."""
+
+    def __init__(self, monitor: "TrainMonitor"):
+        super().__init__()
+        self.monitor = monitor
+
+    def render(self, task) -> Text:
+        m = self.monitor.latest
+        if m is None:
+            return Text("nothing committed yet")
+        return Text(f"step {m.step}  {_metrics_text(m.metrics)}  last commit {_duration(self.monitor.since_commit_s())} ago")
+
+
+class _EtaColumn(ProgressColumn):
+    """Baton's ETA: the rate between this run's commits, so start-up is not counted per epoch
+    (rich's TimeRemainingColumn averages the whole task, start-up included)."""
+
+    def __init__(self, monitor: "TrainMonitor"):
+        super().__init__()
+        self.monitor = monitor
+
+    def render(self, task) -> Text:
+        return Text(f"ETA {_duration(self.monitor.eta_s())}")
+
+
 class TrainMonitor:
-    """Where the lineage stands, from the store: a live line on a terminal (epoch, step, loss,
-    time since the last commit, ETA), one plain line per commit otherwise."""
+    """Where the lineage stands, from the store: a live progress display on a terminal (bar, epochs,
+    step, loss, time since the last commit, ETA, elapsed), one plain line per commit otherwise."""
 
     def __init__(self, store, lineage: str, epochs: int, console: Console, live: bool, poll_s: float = 1.0):
         self.store, self.lineage, self.epochs, self.console = store, lineage, epochs, console
-        self.poll_s, self.started = poll_s, time.monotonic()
+        self.poll_s, self.started, self.live = poll_s, time.monotonic(), live
         self.latest = None
         self.epochs_before: int | None = None
         self.first_epoch_at: float | None = None  # when this run's first epoch was committed
@@ -143,16 +124,20 @@ class TrainMonitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="baton-progress")
         # No redirection of sys.stdout/sys.stderr by rich: they lead to the log file (QuietOutput).
-        self._live = Live(console=console, refresh_per_second=2, transient=True, redirect_stdout=False,
-                          redirect_stderr=False,
-                          get_renderable=self.render) if live else None
+        self.progress = Progress(
+            TextColumn("{task.description}", style="bold", markup=False), BarColumn(bar_width=24),
+            TextColumn("epoch"), MofNCompleteColumn(), _CommitColumn(self), _EtaColumn(self),
+            TextColumn("elapsed"), TimeElapsedColumn(),
+            console=console, transient=True, auto_refresh=live, refresh_per_second=2,
+            redirect_stdout=False, redirect_stderr=False)
+        self.task = self.progress.add_task(lineage, total=epochs)
 
     def print(self, line: str) -> None:
         self.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     def __enter__(self) -> "TrainMonitor":
-        if self._live is not None:
-            self._live.start()
+        if self.live:
+            self.progress.start()
         self._thread.start()
         return self
 
@@ -163,8 +148,8 @@ class TrainMonitor:
             self.poll()  # where the run ended, even when its last commits came within one poll
         except Exception:
             pass
-        if self._live is not None:
-            self._live.stop()
+        if self.live:
+            self.progress.stop()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_s):
@@ -178,6 +163,7 @@ class TrainMonitor:
         done = latest.epochs_done if latest else 0
         if self.epochs_before is None:
             self.epochs_before = done
+            self.progress.update(self.task, completed=min(done, self.epochs))
         if latest is None or (self.latest is not None and latest.id == self.latest.id):
             return
         now = time.monotonic()
@@ -186,8 +172,14 @@ class TrainMonitor:
                 self.first_epoch_at, self.first_done = now, done
             self.last_epoch_at = now
         self.latest = latest
-        if self._live is None:
+        self.progress.update(self.task, completed=min(done, self.epochs))
+        if not self.live:
             self.print(f"{datetime.now():%H:%M:%S} progress: {self.status()}")
+
+    def since_commit_s(self) -> float | None:
+        if self.latest is None:
+            return None
+        return (datetime.now(timezone.utc) - self.latest.created_at).total_seconds()
 
     def eta_s(self) -> float | None:
         """Seconds per epoch measured in this run, times the epochs left."""
@@ -209,25 +201,8 @@ class TrainMonitor:
         m = self.latest
         if m is None:
             return f"epoch 0 of {self.epochs}, nothing committed yet"
-        since = (datetime.now(timezone.utc) - m.created_at).total_seconds()
         return (f"epoch {m.epochs_done} of {self.epochs}, step {m.step}, {_metrics_text(m.metrics)}, "
-                f"last commit {_seconds(since)} ago, ETA {_seconds(self.eta_s())}")
-
-    def render(self):
-        m = self.latest
-        done = m.epochs_done if m else 0
-        width = 24
-        filled = int(width * min(done, self.epochs) / self.epochs)
-        line = Text()
-        line.append(f"{self.lineage} ", style="bold")
-        line.append("━" * filled, style="green")
-        line.append("━" * (width - filled), style="grey50")
-        line.append(f" epoch {done}/{self.epochs}")
-        if m is not None:
-            since = (datetime.now(timezone.utc) - m.created_at).total_seconds()
-            line.append(f"  step {m.step}  {_metrics_text(m.metrics)}  last commit {_seconds(since)} ago")
-        line.append(f"  ETA {_seconds(self.eta_s())}  elapsed {_seconds(time.monotonic() - self.started)}")
-        return line
+                f"last commit {_duration(self.since_commit_s())} ago, ETA {_duration(self.eta_s())}")
 
 
 def summary_table(summary, log_path: Path | None) -> Table:
@@ -239,7 +214,7 @@ def summary_table(summary, log_path: Path | None) -> Table:
     table.add_row("lineage", summary.lineage)
     table.add_row("epochs", f"{final.epochs_done if final else 0} of {summary.epochs} "
                   f"({summary.epochs_trained} trained in {summary.blocks_trained} block(s))")
-    table.add_row("time", _seconds(summary.wall_time_s) if summary.wall_time_s >= 90 else f"{summary.wall_time_s:.1f} s")
+    table.add_row("time", format_duration(summary.wall_time_s))
     if final:
         table.add_row("checkpoint", f"{final.id} (step {final.step})")
         table.add_row("metrics", _metrics_text(final.metrics))

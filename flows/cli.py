@@ -166,10 +166,11 @@ def _train_quietly(config, as_json: bool, log_path: Path, launched=None) -> None
     summary to the terminal (live on a terminal, plain lines otherwise)."""
     from ckpt import CheckpointStore
 
+    from ._run_log import RunLog
     from ._terminal import QuietOutput, TrainMonitor
 
     lineage = config.resolved_lineage()
-    quiet = QuietOutput(log_path, show=lambda line: None)
+    quiet = QuietOutput(log_path)
     failed: BaseException | None = None
     with quiet:
         out, err = Console(file=quiet.stdout), Console(file=quiet.stderr)
@@ -179,11 +180,13 @@ def _train_quietly(config, as_json: bool, log_path: Path, launched=None) -> None
         try:
             store = CheckpointStore(config.store, config.storage_options)
             monitor = TrainMonitor(store, lineage, config.epochs, err, live=err.is_terminal)
-            quiet.show = monitor.print
-            with monitor:
+            # The run's lines from its log records (this process's and, through the API, the block
+            # tasks'), in time order, all shown before the summary.
+            with monitor, RunLog(show=monitor.print) as run_log:
                 from .train import train as train_flow
 
-                summary = _run_flow(train_flow, err=err, with_ray=True, launched=launched, config=config)
+                summary = _run_flow(run_log.around(train_flow), err=err, with_ray=True, launched=launched,
+                                    config=config)
         except (typer.Exit, Exception, KeyboardInterrupt) as caught:
             failed = caught
     if failed is not None:

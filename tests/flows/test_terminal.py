@@ -1,71 +1,110 @@
-"""What `baton train` shows at a terminal: Baton's lines only, Ray's and Prefect's chatter in the
-log file, a progress line per commit off a terminal, and a short summary table."""
+"""What `baton train` shows at a terminal: Baton's lines only, read from structured log records
+(this process's and the Prefect API's) in time order; Ray's and Prefect's chatter in the log file;
+rich's progress display (or a progress line per commit off a terminal); and a short summary table."""
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
+from uuid import uuid4
 
 import torch
+from prefect.client.schemas.objects import Log
 from rich.console import Console
 
 from ckpt import CheckpointRef, CheckpointStore, Position, TrainingState, encode
-from flows._terminal import QuietOutput, TrainMonitor, baton_line, summary_table
+from flows._run_log import RunLog, from_log, from_record, terminal_line
+from flows._terminal import QuietOutput, TrainMonitor, summary_table
 from flows.train import TrainSummary
 
-# Lines as a 2-block `baton train` printed them (Ray's colour codes included).
-RAY_CHATTER = [
-    "\x1b[36m(RayTrainWorker pid=29309)\x1b[0m Reporting training result 1: TrainingReport(checkpoint=None, "
-    "metrics={'loss': 0.6910372227430344, 'epoch': 0, 'step': 4}, validation=False) from rank 0",
-    "\x1b[36m(TrainController pid=29131)\x1b[0m [2026-11-28 06:47:15,218 E 29131 29179] core_worker.cc:2465: Actor "
-    "with class name: 'PreemptionWatcher' and ID: '290e3d4e3ceacd18459f6a9401000000' has constructor arguments",
-    "\x1b[36m(PlacementGroupCleaner pid=29272)\x1b[0m Traceback (most recent call last):",
-    "\x1b[36m(PlacementGroupCleaner pid=29272)\x1b[0m ConnectionError: Found multiple active Ray instances: "
-    "{'192.0.2.2:36729', '192.0.2.2:44057'}.",
-    "2026-11-28 06:46:53,844\tINFO worker.py:2029 -- Started a local Ray instance. View the dashboard at "
-    "\x1b[1m\x1b[32mhttp://127.0.0.1:8265 \x1b[39m\x1b[22m",
-    "06:46:46.439 | INFO    | prefect.task_runner.rayrunner - Creating a local Ray instance",
-    "06:46:35.233 | INFO    | prefect - Starting temporary server on http://127.0.0.1:8206",
-    "\x1b[36m(TrainController pid=29131)\x1b[0m Requesting resources: {'CPU': 1.0} * 2",
-    "\x1b[36m(train-block pid=29052)\x1b[0m 06:47:19.843 | INFO    | Task run 'block-0' - Finished in state Completed()",
-    "06:46:55.474 | INFO    | Flow run 'garnet-roadrunner' - Beginning flow run 'garnet-roadrunner' for flow 'train'",
-    # A failure, which `baton train` tells once itself:
-    "\x1b[36m(train-block pid=29052)\x1b[0m 07:33:24.101 | ERROR   | Task run 'block-0' - Task run failed with exception: "
-    "RayTaskError(RuntimeError)(RuntimeError('WorkerGroupError: Training failed due to worker errors:\\n'))",
-    "07:33:26.002 | ERROR   | Flow run 'garnet-roadrunner' - Encountered exception during execution: RayTaskError",
-    "07:33:28.310 | ERROR   | Flow run 'garnet-roadrunner' - Finished in state Failed('Flow run encountered an exception')",
-]
+T0 = datetime(2026, 11, 28, 6, 47, 19, 612000, tzinfo=timezone.utc)
+FLOW_RUN = uuid4()
 
 
-def test_ray_and_prefect_chatter_is_not_shown_and_baton_run_lines_are_shortened():
-    assert [line for line in RAY_CHATTER if baton_line(line) is not None] == []
-    task = ("\x1b[36m(train-block pid=29052)\x1b[0m 06:47:19.612 | INFO    | Task run 'block-0' - end of epoch 0  "
-            "step 4  loss 0.6910  (checkpoint 000000-0000000004)")
-    assert baton_line(task) == "06:47:19 block-0: end of epoch 0  step 4  loss 0.6910  (checkpoint 000000-0000000004)"
-    flow = "06:46:55.613 | INFO    | Flow run 'garnet-roadrunner' - lineage demo in /tmp/ck: 0 of 2 epochs committed"
-    assert baton_line(flow) == "06:46:55 lineage demo in /tmp/ck: 0 of 2 epochs committed"
-    warning = "06:46:55.613 | WARNING | Flow run 'x' - could not publish the lineage artifact: OSError: gone"
-    assert baton_line(warning) == "06:46:55 WARNING: could not publish the lineage artifact: OSError: gone"
-    lease = "06:46:55.700 | WARNING | ckpt.lease - took over the lease of lineage demo from flow run a (h:1)"
-    assert baton_line(lease) == "06:46:55 WARNING: took over the lease of lineage demo from flow run a (h:1)"
-    assert baton_line("06:46:55.700 | WARNING | prefect.events.clients - could not reach the server") is None
+def _log(message: str, level: int = logging.INFO, at: float = 0.0, task: bool = True) -> Log:
+    """A record as the API returns it: a block task's (run in a Ray worker) or the flow's."""
+    return Log(name="prefect.task_runs" if task else "prefect.flow_runs", level=level, message=message,
+               timestamp=T0 + timedelta(seconds=at), flow_run_id=FLOW_RUN, task_run_id=uuid4() if task else None)
 
 
-def test_output_of_this_process_and_its_children_goes_to_the_log_and_only_baton_lines_are_shown(tmp_path):
+def _local(at: str) -> str:
+    return (T0 + timedelta(seconds=float(at))).astimezone().strftime("%H:%M:%S")
+
+
+def test_a_block_tasks_record_reads_time_level_task_and_message_and_info_carries_no_level():
+    line = from_log(_log("end of epoch 0  step 4  loss 0.6910  (checkpoint 000000-0000000004)"), "block-0")
+    assert terminal_line(line) == f"{_local(0)} block-0: end of epoch 0  step 4  loss 0.6910  (checkpoint 000000-0000000004)"
+    warning = from_log(_log("could not publish the lineage artifact: OSError: gone", logging.WARNING, task=False), None)
+    assert terminal_line(warning) == f"{_local(0)} WARNING: could not publish the lineage artifact: OSError: gone"
+
+
+def test_prefects_own_run_lines_debug_records_and_tracebacks_are_not_shown():
+    quiet = ["Finished in state Completed()", "Beginning flow run 'garnet-roadrunner' for flow 'train'",
+             "Task run failed with exception: RayTaskError(RuntimeError)", "effective config: epochs=4",
+             "Encountered exception during execution: RayTaskError", "Created task run 'block-0' for task 'train-block'"]
+    assert [terminal_line(from_log(_log(m), "block-0")) for m in quiet] == [None] * len(quiet)
+    assert terminal_line(from_log(_log("polling the store", logging.DEBUG), "block-0")) is None
+    failed = from_log(_log("save failed: OSError\nTraceback (most recent call last):\n  File ...", logging.ERROR), "block-1")
+    assert terminal_line(failed) == f"{_local(0)} ERROR: block-1: save failed: OSError"
+
+
+def test_lines_come_out_in_timestamp_order_whichever_source_brought_them_first():
     shown: list[str] = []
+    run_log = RunLog(show=shown.append)
+    # The flow's summary, caught here as it is logged; the last block's lines reach the API later.
+    summary = logging.makeLogRecord({"name": "prefect.flow_runs", "levelno": logging.INFO, "levelname": "INFO",
+                                     "msg": "lineage demo: trained 4 epoch(s)", "created": (T0 + timedelta(seconds=2)).timestamp()})
+    run_log.add_local(summary)
+    run_log.add(from_log(_log("block 1 done in 0.3 s", at=1.0), "block-1"))
+    run_log.add(from_log(_log("end of epoch 3  step 16", at=0.5), "block-1"))
+    run_log.finish(read_api=False)
+    assert shown == [f"{_local(0.5)} block-1: end of epoch 3  step 16", f"{_local(1)} block-1: block 1 done in 0.3 s",
+                     f"{_local(2)} lineage demo: trained 4 epoch(s)"]
+
+
+def test_a_line_is_held_back_until_older_than_the_hold_and_a_record_seen_twice_is_shown_once():
+    shown: list[str] = []
+    run_log = RunLog(show=shown.append, hold_s=1.5)
+    record = logging.makeLogRecord({"name": "prefect.task_runs", "levelno": logging.INFO, "msg": "block 0 done",
+                                    "created": T0.timestamp(), "task_run_name": "block-0"})
+    run_log.add_local(record)  # a task run in this process: its record reaches the API too
+    run_log.add(from_log(_log("block 0 done"), "block-0"))
+    run_log.release(older_than=T0.timestamp() - 1)
+    assert shown == []
+    run_log.release(older_than=T0.timestamp())
+    assert shown == [f"{_local(0)} block-0: block 0 done"]
+    assert from_record(record).task == "block-0"
+
+
+def test_batons_own_warnings_in_this_process_are_caught_by_the_handler_and_shown_at_the_end():
+    shown: list[str] = []
+    with RunLog(show=shown.append, hold_s=60) as run_log:
+        logging.getLogger("baton.ckpt").warning("took over the lease of lineage demo from flow run a (h:1)")
+        logging.getLogger("ray.train").warning("not Baton's")
+        assert shown == []  # held back: a worker's earlier line may still be on its way
+        run_log.finish(read_api=False)
+    assert len(shown) == 1 and shown[0].endswith(" WARNING: took over the lease of lineage demo from flow run a (h:1)")
+    logging.getLogger("baton.ckpt").warning("after the run")
+    assert len(shown) == 1  # the handler is gone
+
+
+def test_output_of_this_process_and_its_children_goes_to_the_log_and_not_to_the_terminal(tmp_path, capfd):
     log = tmp_path / "logs" / "train.log"
     child = ("import sys; print('(RayTrainWorker pid=1) Reporting training result 1: TrainingReport()'); "
              "print(\"06:47:19.612 | INFO    | Task run 'block-0' - block 0 done in 3.0 s\", file=sys.stderr)")
-    with QuietOutput(log, show=shown.append) as quiet:
+    with QuietOutput(log) as quiet:
         subprocess.run([sys.executable, "-c", child], check=True)
         os.write(2, b"Started a local Ray instance.\n")  # as C++ code and Ray's threads write
         quiet.stdout.write("to the terminal\n")
     text = log.read_text()
     assert "TrainingReport()" in text and "Started a local Ray instance." in text and "block 0 done" in text
     assert "to the terminal" not in text
-    assert shown == ["06:47:19 block-0: block 0 done in 3.0 s"]
+    terminal = capfd.readouterr()
+    assert "to the terminal" in terminal.out and "block 0 done" not in terminal.out + terminal.err
 
 
 def _commit(store: CheckpointStore, epoch: int, loss: float) -> None:
@@ -100,21 +139,38 @@ def test_the_summary_is_a_short_table_with_rounded_metrics_and_the_log_file(tmp_
     Console(file=buffer, width=100).print(summary_table(summary, tmp_path / "train.log"))
     text = buffer.getvalue()
     assert "loss 0.6893" in text and "val_accuracy 0.9125" in text and "0.68932502" not in text
-    assert "4 of 4 (2 trained in 1 block(s))" in text and "48.2 s" in text
+    assert "4 of 4 (2 trained in 1 block(s))" in text and "48.2s" in text
     assert str(tmp_path / "train.log") in text and "000003-0000000016" in text
     assert len(text.splitlines()) <= 8
 
 
-def test_on_a_terminal_the_live_line_shows_epoch_step_loss_time_since_the_last_commit_and_eta(tmp_path):
+def _rendered(monitor: TrainMonitor) -> str:
+    console = Console(record=True, width=160, file=io.StringIO())
+    console.print(monitor.progress)
+    return console.export_text()
+
+
+def test_on_a_terminal_rich_progress_shows_a_bar_epochs_step_loss_time_since_the_last_commit_eta_and_elapsed(tmp_path):
     store = CheckpointStore(str(tmp_path / "store"))
     monitor = TrainMonitor(store, "demo", epochs=4, console=Console(file=io.StringIO()), live=True)
     monitor.poll()
-    assert "epoch 0/4" in monitor.render().plain and "ETA -" in monitor.render().plain
+    line = _rendered(monitor)
+    assert line.startswith("demo ") and "epoch 0/4" in line and "nothing committed yet" in line and "ETA -" in line, line
     _commit(store, 0, 0.69314718)
     monitor.poll()
-    line = monitor.render().plain
-    assert "epoch 1/4" in line and "step 4" in line and "loss 0.6931" in line, line
-    assert "last commit 0 s ago" in line and "ETA -" not in line and "elapsed" in line, line
+    line = _rendered(monitor)
+    assert "epoch 1/4" in line and "step 4" in line and "loss 0.6931" in line and "0.69314718" not in line, line
+    assert "last commit 0s ago" in line and "ETA -" not in line and "elapsed 0:00:0" in line, line
+    assert "━" in line  # rich's bar, a quarter full
+    assert monitor.progress.tasks[0].completed == 1 and monitor.progress.tasks[0].total == 4
+
+
+def test_one_duration_formatter_serves_the_terminal_and_the_retention_policy():
+    from ckpt.retention import format_duration
+    from flows import _terminal
+
+    assert _terminal.format_duration is format_duration
+    assert [format_duration(s) for s in (0, 48.234, 90, 125.4, 5400)] == ["0s", "48.2s", "1m30s", "2m5s", "1h30m"]
 
 
 def test_verbose_is_a_command_line_option_not_a_config_field(tmp_path, monkeypatch):
