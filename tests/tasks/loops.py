@@ -140,3 +140,19 @@ def steps_mid_window(ctx) -> None:
             optimizer.step()
             ctx.step()
         ctx.end_epoch()
+
+
+def counts_batches(ctx) -> None:
+    """Records (epoch, ctx.batch_in_epoch, ctx.batches_in_epoch) at every batch, in its saved state."""
+    model = nn.Linear(12, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    state = ctx.restore(model=model, optimizer=optimizer, state={"seen": []})
+    loader = ctx.loader(Noisy(), batch_size=8)
+    for epoch in ctx.epochs():
+        for x, y in loader:
+            state["seen"].append([epoch, ctx.batch_in_epoch, ctx.batches_in_epoch])
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            ctx.step()
+        ctx.end_epoch()

@@ -39,3 +39,14 @@ def test_a_step_in_the_middle_of_an_accumulation_window_is_an_error_before_anyth
     with pytest.raises(LoopError, match="ctx.step in the middle of an accumulation window"):
         _train(tmp_path, "midway", loop="tests.tasks.loops:steps_mid_window", epochs=1, checkpoint_every_steps=1)
     assert CheckpointStore(str(tmp_path)).list("midway") == []
+
+
+def test_batch_in_epoch_counts_from_the_epochs_start_across_a_mid_epoch_resume(tmp_path):
+    from tasks.runtime.resume import newest_good
+
+    common = dict(loop="tests.tasks.loops:counts_batches", epochs=2, checkpoint_every_steps=6)
+    _train_until_failure(tmp_path, "counted", fail={"epoch": 1, "batch": 20}, **common)
+    assert CheckpointStore(str(tmp_path)).latest("counted").position.batch_in_epoch == 16  # step 48
+    _train(tmp_path, "counted", **common)
+    _, state = newest_good(CheckpointStore(str(tmp_path)), "counted")
+    assert state.extra["user"]["seen"] == [[epoch, batch, 32] for epoch in (0, 1) for batch in range(1, 33)]
