@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 from ckpt import CheckpointStore
 
@@ -32,23 +33,29 @@ def missing_resources(spec: BlockSpec, total: dict[str, float]) -> dict[str, tup
     return {kind: (amount, total.get(kind, 0.0)) for kind, amount in needed.items() if amount > total.get(kind, 0.0)}
 
 
-def wait_for_resources(spec: BlockSpec, logger, *, clock=time.monotonic, sleep=time.sleep) -> None:
-    """Fail in bounded time when the cluster is too small, instead of Ray Train's endless
-    "worker group startup timed out" retries; an autoscaler gets `resources_timeout_s` to add nodes."""
+def _cluster_resources() -> dict[str, float]:
     import ray
 
-    missing = missing_resources(spec, ray.cluster_resources())
+    return ray.cluster_resources()
+
+
+def wait_for_resources(spec: BlockSpec, logger, *, total: Callable[[], dict[str, float]] = _cluster_resources,
+                       clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+    """Fail in bounded time when the cluster is too small, instead of Ray Train's endless
+    "worker group startup timed out" retries; an autoscaler gets `resources_timeout_s` to add nodes.
+    `total` is what the cluster holds now (Ray's `cluster_resources`); time comes in as arguments."""
+    missing = missing_resources(spec, total())
     if not missing:
         return
     logger.warning("waiting up to %.0f s for the Ray cluster to grow: %s", spec.settings.resources_timeout_s,
                    describe(missing))
-    fits = wait_for(lambda: not missing_resources(spec, ray.cluster_resources()),
+    fits = wait_for(lambda: not missing_resources(spec, total()),
                     timeout_s=spec.settings.resources_timeout_s, interval_s=2.0, clock=clock, sleep=sleep)
     if not fits:
         s = spec.settings
         raise NotEnoughResources(
             f"block {spec.index} needs {s.workers} workers x ({s.cpus_per_worker:g} CPU, {s.gpus_per_worker:g} GPU) "
-            f"but the Ray cluster has {describe(missing_resources(spec, ray.cluster_resources()))}: lower --workers, "
+            f"but the Ray cluster has {describe(missing_resources(spec, total()))}: lower --workers, "
             "--cpus-per-worker or --gpus-per-worker, or add nodes to the cluster (--resources-timeout-s waits for "
             "an autoscaler)")
 
