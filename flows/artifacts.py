@@ -89,18 +89,19 @@ class TrainProgress:
 
     def follow(self, future, store: CheckpointStore, poll_s: float = 2.0):
         """Wait for a block's result, moving the bar as its epochs are committed."""
-        while True:
+        from tasks.runtime.waiting import wait_for
+
+        def result() -> list | None:
             try:
-                ref = future.result(timeout=poll_s)
+                return [future.result(timeout=poll_s)]
             except (TimeoutError, FutureTimeout):
-                try:
-                    latest = store.latest(self.lineage)
-                except Exception:  # a listing error must not fail the block it watches
-                    continue
-                self.update(latest.epochs_done if latest else 0)
-                continue
-            self.update(ref.epochs_done)
-            return ref
+                self.update_from(store)  # a listing error must not fail the block it watches
+                return None
+
+        # The waiting is the future's own (`result(timeout=...)`): nothing to sleep between polls.
+        (ref,) = wait_for(result, timeout_s=float("inf"), interval_s=0)
+        self.update(ref.epochs_done)
+        return ref
 
 
 def _run_artifact_id(key: str, kind: str):
