@@ -1,8 +1,9 @@
 """The warm worker group's protocol, typed, and the workers' side of it.
 
-The group itself (`tasks.warm.WarmGroup`, a detached Ray actor) and the block tasks that drive it
-live in `tasks`; the workers reach it by name only, through the two calls here, so the worker
-runtime never imports the block side:
+The group itself (`tasks.warm.WarmGroup`, a detached Ray actor wrapping the protocol's state
+machine, `tasks.group_schedule.GroupSchedule`) and the block tasks that drive it live in `tasks`;
+the workers reach it by name only, through the two calls here, so the worker runtime never imports
+the block side:
 
     block task --BlockCommand--> WarmGroup --BlockCommand--> rank 0 (fetch_command, at a block's end)
                <--BlockResult---           <--reached E------

@@ -96,6 +96,16 @@ def test_a_preemption_by_a_ray_node_drain_is_retried_on_the_other_nodes():
     assert retried(wrapped_by_ray(drained))
 
 
+def test_prefects_retry_condition_reads_the_error_of_the_failed_state():
+    from prefect.states import Failed
+
+    from tasks.block import _retry_condition
+
+    assert not _retry_condition(None, None, Failed(data=Preempted(1, 16, "000001-0000000016")))
+    assert _retry_condition(None, None, Failed(data=Preempted(1, 16, "000001-0000000016", drain=True)))
+    assert _retry_condition(None, None, Failed(data=RuntimeError("a worker died")))
+
+
 # ---- stopped and reached -----------------------------------------------------------------------
 
 def test_without_a_notice_the_workers_did_not_stop(store):
