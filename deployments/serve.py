@@ -70,6 +70,6 @@ def serve_all(store: str = "./checkpoints", cron: str = NIGHTLY_CRON, interval_s
               config: TrainConfig | None = None, limit: int | None = None) -> None:
     """Serve the deployments until interrupted. Schedules stay active when this process stops, so
     a restarted server (or a second serving process) picks them up again."""
-    # `serve` pauses every schedule on shutdown by default (FACTS.md): a restart would silently
-    # stop the nightly runs.
+    # Prefect 3.9's `serve` pauses every schedule on shutdown unless told not to: a restart would
+    # silently stop the nightly runs.
     serve(*build_deployments(store, cron, interval_s, config), pause_on_shutdown=False, limit=limit)

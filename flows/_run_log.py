@@ -98,8 +98,11 @@ class RunLog:
         self._finished = False
 
     def __enter__(self) -> "RunLog":
-        import prefect  # noqa: F401  Prefect configures logging when imported: attach after it
+        from prefect.logging.configuration import ensure_logging_setup
 
+        # Prefect's logging set-up replaces the handlers of its loggers (dictConfig): it must come
+        # first, or this handler is dropped when the flow starts.
+        ensure_logging_setup()
         for name in (*RUN_LOGGERS, BATON_LOGGER):
             logging.getLogger(name).addHandler(self._handler)
         self._thread.start()
@@ -140,14 +143,21 @@ class RunLog:
         self.api_url = PREFECT_API_URL.value()
 
     def add(self, line: RunLine) -> None:
-        text = terminal_line(line)
         with self._lock:
             key = _key(line)
             if key in self._seen_keys:
                 return
             self._seen_keys.add(key)
-            if text is not None:
-                heapq.heappush(self._pending, (line.when.timestamp(), next(self._order), text))
+        text = terminal_line(line)
+        if text is not None:
+            self.add_text(line.when, text)
+
+    def add_text(self, when: datetime, text: str) -> None:
+        """A line of the terminal's own (a progress line), shown in its place among the run's."""
+        with self._lock:
+            heapq.heappush(self._pending, (when.timestamp(), next(self._order), text))
+        if self._finished:  # nothing is held back any longer
+            self.release()
 
     def release(self, older_than: float | None = None) -> None:
         """Show the held lines stamped before `older_than` (all of them when None), oldest first."""

@@ -1,7 +1,13 @@
 """One Prefect API for the whole run, shared with the Ray workers.
 
 Without PREFECT_API_URL every process that runs a flow or task starts its own temporary server;
-under RayTaskRunner that is every Ray worker (17 s and 2 GB instead of 3 s and 1.2 GB, FACTS.md).
+under RayTaskRunner that is every Ray worker (measured with Prefect 3.9 on 2 cores: the first task
+result after 17 s and 2 GB instead of 3-4 s and 1.2 GB). So `baton train` starts one server for the
+run and points the flow and its Ray workers at it.
+
+The server cannot outlive the command: it runs in a session of its own (a terminal's Ctrl-C or
+hang-up reaches `baton` only, which then still needs the server to record how the run ended), and
+the kernel SIGKILLs it when `baton` ends, however that happens (a parent-death signal).
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator
+
+from . import _prefect_internals
+from ._process import die_with_parent_code
 
 log = logging.getLogger("baton")
 # What this process spent starting things for the run ("Prefect server", "local Ray": seconds),
@@ -45,8 +54,9 @@ def startup_timeout_s() -> float:
 class TemporaryServer:
     """A local Prefect server process for one run: what Prefect's own `SubprocessASGIServer` runs
     (uvicorn on Prefect's app factory, UI off, marked ephemeral), launched by Baton itself so that
-    `baton train` can launch it first thing, before importing Prefect, torch or Ray (~4 s here),
-    and wait for it only when the flow starts. Launching imports nothing."""
+    `baton train` can launch it first thing, before importing Prefect or Ray (~4 s here), and wait
+    for it only when the flow starts. Launching imports nothing. Launch it from the main thread:
+    the parent-death signal follows the thread that started the child."""
 
     def __init__(self) -> None:
         self.port = _free_port()
@@ -63,8 +73,8 @@ class TemporaryServer:
         import importlib.util
 
         prefect_dir = os.path.dirname(os.path.dirname(importlib.util.find_spec("prefect").origin))
-        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-               "PREFECT__SERVER_FINAL": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+               **_prefect_internals.server_environment()}
         env.pop("PREFECT_API_URL", None)
         self.launched_at = time.monotonic()
         sink = None
@@ -74,9 +84,10 @@ class TemporaryServer:
             sink.write(f"baton: starting a temporary Prefect server on http://127.0.0.1:{self.port}\n".encode())
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--app-dir", prefect_dir, "--factory",
-                 "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--log-level", "error", "--lifespan", "on"], env=env, stdout=sink, stderr=sink)
+                [sys.executable, "-c", die_with_parent_code(os.getpid(), "uvicorn"), "--app-dir", prefect_dir,
+                 "--factory", _prefect_internals.SERVER_APP_FACTORY, "--host", "127.0.0.1", "--port",
+                 str(self.port), "--log-level", "error", "--lifespan", "on"],
+                env=env, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink, start_new_session=True)
         finally:
             if sink is not None:
                 sink.close()  # the child has its own copy
@@ -203,13 +214,7 @@ def prefect_api(alongside: Callable[[], object] | None = None,
 
 
 def _drain_prefect_workers() -> None:
-    # Ship queued logs and events while the server still answers; afterwards they retry
-    # against a closed port at exit.
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    for worker in (APILogWorker, EventsWorker):
-        try:
-            worker.drain_all(timeout=10)
-        except Exception:
-            pass
+    try:
+        _prefect_internals.drain_log_and_event_workers(timeout_s=10)
+    except Exception as err:  # what is left retries at exit against a closed port: noise in the log only
+        log.debug("could not ship Prefect's queued logs and events: %s", err)

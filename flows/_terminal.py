@@ -17,7 +17,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
@@ -121,6 +121,8 @@ class TrainMonitor:
         self.first_epoch_at: float | None = None  # when this run's first epoch was committed
         self.first_done = 0  # epochs done then
         self.last_epoch_at: float | None = None
+        # Where plain progress lines go (off a terminal): printed, or merged into the run's lines.
+        self.say: Callable[[datetime, str], None] = lambda when, text: self.print(text)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="baton-progress")
         # No redirection of sys.stdout/sys.stderr by rich: they lead to the log file (QuietOutput).
@@ -174,7 +176,8 @@ class TrainMonitor:
         self.latest = latest
         self.progress.update(self.task, completed=min(done, self.epochs))
         if not self.live:
-            self.print(f"{datetime.now():%H:%M:%S} progress: {self.status()}")
+            stamp = datetime.now().astimezone()
+            self.say(stamp, f"{stamp:%H:%M:%S} progress: {self.status()}")
 
     def since_commit_s(self) -> float | None:
         if self.latest is None:

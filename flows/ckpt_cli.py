@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from typing import Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from ckpt import CheckpointError, CheckpointStore, Manifest
+from tasks.runtime.errors import TaskError
 
 # Help texts are shown as written: rich markup would eat `[@ID|@latest|@best|@ALIAS]`.
 app = typer.Typer(help="Inspect and manage committed checkpoints.", no_args_is_help=True,
@@ -23,12 +26,48 @@ console = Console()
 err_console = Console(stderr=True, highlight=False)
 
 
-def _store(url: str) -> CheckpointStore:
-    store = CheckpointStore(url)
-    if not store.fs.exists(store.root):
-        err_console.print(f"no checkpoint store at {store.url}: check the path (a store is the folder or URL "
-                          "given to `baton train --store`, ./checkpoints by default)",
-                          style="red", markup=False, soft_wrap=True)
+def store_problem(store: CheckpointStore, lineage: str | None = None, create: bool = False) -> str | None:
+    """Why `store` cannot be used, with the fix, or None. `create`: training, which makes a missing
+    folder. Asks a remote store one question (it raises StoreUnreachable, naming the endpoint)."""
+    if not store.is_local:
+        if not create and not store.fs.exists(store.root):
+            return _missing(store)
+        return None
+    if os.path.exists(store.root) and not os.path.isdir(store.root):
+        return (f"{store.url} is a file, not a checkpoint store: give --store a folder (it is created if it does "
+                "not exist) or an fsspec URL such as s3://bucket/runs")
+    if not os.path.exists(store.root):
+        return _cannot_create(store) if create else _missing(store)
+    folder = store.path(lineage) if lineage else None
+    if folder and os.path.exists(folder) and not os.path.isdir(folder):
+        return f"{folder} is a file, where lineage {lineage} keeps its checkpoints: move it away"
+    if create and not os.access(store.root, os.W_OK | os.X_OK):
+        return f"cannot write to the checkpoint store {store.url}: give this user write access or another --store"
+    return None
+
+
+def _missing(store: CheckpointStore) -> str:
+    return (f"no checkpoint store at {store.url}: check the path (a store is the folder or URL given to "
+            "`baton train --store`, ./checkpoints by default)")
+
+
+def _cannot_create(store: CheckpointStore) -> str | None:
+    above = os.path.dirname(store.root)
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        return f"cannot create the checkpoint store {store.url}: {above} is a file; give --store a folder"
+    if not os.access(above, os.W_OK | os.X_OK):
+        return f"cannot create the checkpoint store {store.url}: {above} is not writable; give another --store"
+    return None
+
+
+def open_store(url: str, storage_options: dict | None = None) -> CheckpointStore:
+    """An existing store, or a one-line error naming what is wrong with it (exit 2)."""
+    store = CheckpointStore(url, storage_options)
+    problem = store_problem(store)
+    if problem:
+        err_console.print(problem, style="red", markup=False, soft_wrap=True)
         raise typer.Exit(2)
     return store
 
@@ -72,15 +111,28 @@ def _size_problems(store: CheckpointStore, m: Manifest, sizes: dict[str, int]) -
     return problems
 
 
-def _guard(fn):
-    """Checkpoint errors become a one-line message and exit code 2, not a traceback."""
+# Baton's own errors, and a garbage metadata file: told in one line, never as a traceback.
+BATON_ERRORS = (CheckpointError, TaskError, ValidationError, OSError)
+
+
+def one_line(err: BaseException) -> str:
+    if isinstance(err, ValidationError):
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in err.errors())
+        return f"invalid {err.title}: {problems}"
+    if isinstance(err, OSError) and not isinstance(err, CheckpointError):
+        return f"{type(err).__name__}: {err}"
+    return str(err)
+
+
+def guard(fn):
+    """Baton's errors become a one-line message and exit code 2, not a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except CheckpointError as err:
-            err_console.print(str(err), style="red", markup=False, soft_wrap=True)
+        except BATON_ERRORS as err:
+            err_console.print(one_line(err), style="red", markup=False, soft_wrap=True)
             raise typer.Exit(2) from None
     return wrapper
 
@@ -106,14 +158,14 @@ def _table(store: CheckpointStore, lineage: str, items: list[dict]) -> Table:
 
 
 @app.command("ls")
-@_guard
+@guard
 def ls(store: str = typer.Argument(..., help="Checkpoint store: folder or fsspec URL."),
        lineage: Optional[str] = typer.Option(None, help="Only this lineage (default: all)."),
        as_json: bool = typer.Option(False, "--json", help="Print every checkpoint as JSON."),
        verify: bool = typer.Option(False, "--verify", help="Hash every file (slower); without it, "
                                    "files are checked for presence and size only.")) -> None:
     """List committed checkpoints, oldest first, one table per lineage; damaged ones are marked."""
-    st = _store(store)
+    st = open_store(store)
     by_lineage = {name: _checked(st, name, verify) for name in _lineages(st, lineage)}
     if as_json:
         print(json.dumps([it for items in by_lineage.values() for it in items], indent=2))
@@ -138,7 +190,7 @@ def ls(store: str = typer.Argument(..., help="Checkpoint store: folder or fsspec
 
 
 @app.command()
-@_guard
+@guard
 def show(store: str = typer.Argument(..., help="Checkpoint store: folder or fsspec URL."),
          lineage: str = typer.Argument(..., help="Lineage name."),
          which: str = typer.Argument("latest", help="ID, latest, best or an alias."),
@@ -148,7 +200,7 @@ def show(store: str = typer.Argument(..., help="Checkpoint store: folder or fssp
                                      "(default) or skip it for a quick look.")) -> None:
     """Show one checkpoint: its manifest, location and aliases, each fact once (JSON), and whether
     its files verify (a damaged one is also named on stderr, with its problems)."""
-    st = _store(store)
+    st = open_store(store)
     manifest = st.resolve(lineage, which, metric=metric, mode=mode)
     problems = st.verify(manifest) if verify else None
     body = manifest.model_dump(mode="json")
@@ -166,11 +218,11 @@ def show(store: str = typer.Argument(..., help="Checkpoint store: folder or fssp
 
 
 @app.command()
-@_guard
+@guard
 def verify(store: str = typer.Argument(..., help="Checkpoint store: folder or fsspec URL."),
            lineage: Optional[str] = typer.Option(None, help="Only this lineage (default: all).")) -> None:
     """Check the size and hash of every committed file; exit 1 listing every failure."""
-    st = _store(store)
+    st = open_store(store)
     problems, count = [], 0
     for name in _lineages(st, lineage):
         count += len(st.list(name))
@@ -183,34 +235,34 @@ def verify(store: str = typer.Argument(..., help="Checkpoint store: folder or fs
 
 
 @app.command()
-@_guard
+@guard
 def pin(store: str = typer.Argument(..., help="Checkpoint store: folder or fsspec URL."),
         lineage: str = typer.Argument(..., help="Lineage name."),
         checkpoint: str = typer.Argument(..., help="Checkpoint id."),
         alias: str = typer.Option(..., "--alias", help="Alias name, e.g. production.")) -> None:
     """Pin a checkpoint under an alias (pinned checkpoints are never pruned)."""
-    _store(store).pin(lineage, checkpoint, alias)
+    open_store(store).pin(lineage, checkpoint, alias)
     console.print(f"pinned {lineage}/{checkpoint} as {alias}", markup=False, highlight=False)
 
 
 @app.command()
-@_guard
+@guard
 def unpin(store: str = typer.Argument(..., help="Checkpoint store: folder or fsspec URL."),
           lineage: str = typer.Argument(..., help="Lineage name."),
           alias: str = typer.Option(..., "--alias", help="Alias to remove.")) -> None:
     """Remove an alias."""
-    _store(store).unpin(lineage, alias)
+    open_store(store).unpin(lineage, alias)
     console.print(f"removed alias {alias} of {lineage}", markup=False, highlight=False)
 
 
 @app.command()
-@_guard
+@guard
 def rm(store: str = typer.Argument(..., help="Checkpoint store: folder or fsspec URL."),
        lineage: str = typer.Argument(..., help="Lineage name."),
        checkpoint: str = typer.Argument(..., help="Checkpoint id."),
        force: bool = typer.Option(False, "--force", help="Also remove a pinned checkpoint.")) -> None:
     """Delete one checkpoint (manifest first, then its files)."""
-    st = _store(store)
+    st = open_store(store)
     st.manifest(lineage, checkpoint)
     pinned = [a for a, i in st.aliases(lineage).items() if i == checkpoint]
     if pinned and not force:

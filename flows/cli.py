@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-import json
 import os
 import sys
-from pathlib import Path
-from typing import Any, Optional
 
-import typer
-from pydantic import ValidationError
-from rich.console import Console
+from . import signals
 
-from .ckpt_cli import app as ckpt_app
+if os.path.basename(sys.argv[0]) == "baton":
+    # The `baton` command: its handlers from its first line, before typer, pydantic or torch are
+    # imported (a Ctrl-C while torch imports is then one line, not a KeyboardInterrupt traceback).
+    # Not in a process that merely imports this module (the tests).
+    signals.install()
+
+import contextlib  # noqa: E402
+import inspect  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Optional  # noqa: E402
+
+import typer  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+from ._process import stop_descendants  # noqa: E402
+from .ckpt_cli import BATON_ERRORS, guard, one_line, open_store, store_problem  # noqa: E402
+from .ckpt_cli import app as ckpt_app  # noqa: E402
 
 # Help texts are shown as written: rich markup would eat `[@ID|@latest|@best|@ALIAS]` and `[default: ...]`.
 app = typer.Typer(help="Baton: PyTorch training in epoch blocks on Ray, orchestrated by Prefect, "
@@ -131,6 +142,7 @@ def _train(config_file: Optional[Path] = None, ray_address: Optional[str] = None
         print(json.dumps({"lineage": config.resolved_lineage(), "config": config.model_dump(mode="json"),
                           "blocks": plan}, indent=2))
         return
+    _refuse_before_work(config)
     from ._server import launch_temporary_server
     from ._terminal import default_log_path
 
@@ -161,6 +173,37 @@ def _train(config_file: Optional[Path] = None, ray_address: Optional[str] = None
     _train_quietly(config, as_json, log_path, launched)
 
 
+def _refuse_before_work(config) -> None:
+    """What makes the run impossible, told before a server, Ray or a worker group starts (exit 2):
+    a store that cannot be used, a lineage another live run holds. The lease itself is taken by the
+    flow: a run that starts meanwhile still loses the race there."""
+    from ckpt import CheckpointStore, Lease
+
+    lineage = config.resolved_lineage()
+    try:
+        store = CheckpointStore(config.store, config.storage_options)
+        problem = store_problem(store, lineage, create=True)
+        holder = None if problem else Lease.current(store, lineage)
+    except BATON_ERRORS as err:
+        problem = one_line(err)
+    if problem is None and holder is not None and holder.holder_alive():
+        problem = (f"lineage {lineage!r} is being trained by {holder.describe()}: nothing started. Wait for that run "
+                   f"to finish, stop it (baton preempt {store.url} {lineage}), or train another lineage with "
+                   f"--lineage; a dead holder's lease is taken over after its ttl ({holder.ttl_s:g} s).")
+    if problem:
+        err_console.print(problem, style="red", markup=False, soft_wrap=True, highlight=False)
+        raise typer.Exit(2)
+    signals.tell_where(lambda: _where_it_stands(store, lineage))
+
+
+def _where_it_stands(store, lineage: str) -> str:
+    latest = store.latest(lineage)
+    if latest is None:
+        return f"{lineage} has no committed checkpoint; the same command starts it from scratch"
+    return (f"the latest committed checkpoint of {lineage} is {latest.id} (epoch {latest.epoch}, step "
+            f"{latest.step}); the same command resumes there")
+
+
 def _train_quietly(config, as_json: bool, log_path: Path, launched=None) -> None:
     """Ray's and Prefect's own output to a log file; Baton's lines, a progress display and the
     summary to the terminal (live on a terminal, plain lines otherwise)."""
@@ -183,6 +226,7 @@ def _train_quietly(config, as_json: bool, log_path: Path, launched=None) -> None
             # The run's lines from its log records (this process's and, through the API, the block
             # tasks'), in time order, all shown before the summary.
             with monitor, RunLog(show=monitor.print) as run_log:
+                monitor.say = run_log.add_text  # progress lines in their place among the run's
                 from .train import train as train_flow
 
                 summary = _run_flow(run_log.around(train_flow), err=err, with_ray=True, launched=launched,
@@ -259,37 +303,61 @@ def _run_flow(flow_fn, err: Optional[Console] = None, with_ray: bool = False, la
 
     err = err or err_console
     ray_started: list[bool] = []
-    if with_ray:
-        from .train import prestart_group, start_local_ray
-
-        def alongside() -> None:
-            ray_started.append(start_local_ray())
-            if ray_started[-1] and "config" in params:
-                prestart_group(params["config"])
-
+    alongside = _ray_starter(ray_started, params.get("config")) if with_ray else None
     try:
-        with prefect_api(alongside=alongside if with_ray else None, launched=launched), \
-                _shutdown_ray_after(ray_started):
-            state = flow_fn(**params, return_state=True)
-            if not state.is_completed():
-                from .artifacts import error_text
-
-                if state.is_cancelled():
-                    # Cancelled from the Prefect UI or API: the message says where it stopped.
-                    err.print(f"{flow_fn.name} cancelled: {state.message or state.name}", style="yellow",
-                              markup=False, soft_wrap=True)
-                    raise typer.Exit(1)
-                try:
-                    state.result()
-                    told = state.message or state.name
-                except Exception as error:
-                    told = error_text(error)
-                err.print(f"{flow_fn.name} failed: {told}", style="red", markup=False, soft_wrap=True)
-                raise typer.Exit(1)
-            return state.result()
+        with prefect_api(alongside=alongside, launched=launched), _shutdown_ray_after(ray_started):
+            return _flow_result(flow_fn, err, _run_stoppable(flow_fn, err, params))
     except ServerStartError as error:
         err.print(f"cannot start a Prefect server: {error}", style="red", markup=False)
         raise typer.Exit(1) from None
+
+
+def _ray_starter(started: list[bool], config):
+    from .train import prestart_group, start_local_ray
+
+    def alongside() -> None:
+        # Ray's GCS, raylet and dashboard join this process group: a terminal's hang-up must reach
+        # `baton` only, which stops the run while Ray still runs (Ray already blocks SIGINT in them).
+        with signals.children_ignore_hangup():
+            started.append(start_local_ray())
+        if started[-1] and config is not None:
+            prestart_group(config)
+    return alongside
+
+
+def _run_stoppable(flow_fn, err: Console, params: dict):
+    """The flow's final state. From here on a first signal asks the flow run to stop."""
+    signals.flow_started()
+    try:
+        return flow_fn(**params, return_state=True)
+    except BaseException as error:  # Prefect's own SIGTERM bridge raises TerminationSignal
+        signum = signals.signal_received()
+        if signum is None or isinstance(error, (typer.Exit, Exception)):
+            raise
+        import signal as signal_module
+
+        err.print(f"{flow_fn.name} stopped by {signal_module.Signals(signum).name} before training began",
+                  style="yellow", markup=False, soft_wrap=True)
+        raise typer.Exit(128 + signum) from None
+
+
+def _flow_result(flow_fn, err: Console, state):
+    if state.is_completed():
+        return state.result()
+    from .artifacts import error_text
+
+    if state.is_cancelled():
+        # Cancelled from the Prefect UI or API: the message says where it stopped.
+        err.print(f"{flow_fn.name} cancelled: {state.message or state.name}", style="yellow",
+                  markup=False, soft_wrap=True)
+        raise typer.Exit(1)
+    try:
+        state.result()
+        told = state.message or state.name
+    except Exception as error:
+        told = error_text(error)
+    err.print(f"{flow_fn.name} failed: {told}", style="red", markup=False, soft_wrap=True)
+    raise typer.Exit(1)
 
 
 @contextlib.contextmanager
@@ -304,6 +372,7 @@ def _shutdown_ray_after(started: list[bool]):
 
 
 @app.command()
+@guard
 def cleanup(
     store: str = typer.Argument(..., help="Checkpoint store: folder or fsspec URL."),
     lineage: Optional[str] = typer.Option(None, help="Only this lineage (default: all)."),
@@ -330,6 +399,7 @@ def cleanup(
     except ValidationError as err:
         _print_errors(err)
         raise typer.Exit(2) from None
+    open_store(config.store)  # a store that is not there is named, not pruned of nothing
     from prefect.settings import get_current_settings
 
     from .cleanup import cleanup as cleanup_flow, prune_here
@@ -371,10 +441,12 @@ def serve(
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     from deployments.serve import serve_all  # deployments build on flows, so imported only here
 
+    signals.uninstall()  # Prefect's runner stops its flow runs on SIGTERM and SIGINT itself
     serve_all(store=store or "./checkpoints", cron=cron, interval_s=interval, config=config, limit=limit)
 
 
 @app.command()
+@guard
 def preempt(
     store: str = typer.Argument(..., help="Checkpoint store: folder or fsspec URL."),
     lineage: str = typer.Argument(..., help="The lineage being trained."),
@@ -382,24 +454,32 @@ def preempt(
 ) -> None:
     """Ask the run training LINEAGE to checkpoint the step it is at and stop (for a spot-instance
     notice handler or a Kubernetes preStop hook); a rerun or Retry resumes there."""
-    from ckpt import CheckpointStore, Lease
+    from ckpt import Lease
     from tasks.runtime.stop import give_notice
 
-    st = CheckpointStore(store)
+    st = open_store(store)
     holder = Lease.current(st, lineage)
     if holder is None or not holder.holder_alive():
-        err_console.print(f"no run is training {lineage} in {store} (no live lease): nothing to preempt",
-                          style="red", markup=False)
+        err_console.print(f"no run is training {lineage} in {st.url} (no live lease): nothing to preempt",
+                          style="red", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     give_notice(st, lineage, holder.fence, reason)
     console.print(f"notice given to {holder.describe()}", markup=False, highlight=False)
 
 
 def main() -> None:
+    """The `baton` executable: Baton's errors as one line wherever they come from; whatever the
+    command started and left running is stopped before it returns."""
+    signals.install()
     try:
         app()
-    except KeyboardInterrupt:
+    except BATON_ERRORS as err:
+        err_console.print(one_line(err), style="red", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:  # only where no handler of ours was installed (another thread)
         sys.exit(130)
+    finally:
+        stop_descendants()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,13 @@
-"""The flow process's side of stopping: signals and a cancel from the Prefect UI become a notice
-to the workers (tasks/runtime/stop.py says how a notice stops them)."""
+"""The flow process's side of stopping.
+
+While a flow trains, the first SIGTERM, SIGINT or SIGHUP, or a cancel from the Prefect UI, becomes a
+notice to the workers (tasks/runtime/stop.py says how a notice stops them); a second signal ends
+the process at once. The `baton` command installs the handler for its whole life (`install`, before
+anything heavy is imported): a signal during start-up, before a flow run begins, ends the command at
+once, and ending at once always takes every process the command started with it (`_process`).
+
+Imports only the standard library at module level (see `install`).
+"""
 
 from __future__ import annotations
 
@@ -8,27 +16,137 @@ import contextvars
 import logging
 import os
 import signal
-import sys
 import threading
 import time
+from typing import TYPE_CHECKING, Callable, Iterator, NoReturn
 
-from ckpt import CheckpointStore
-from tasks.runtime.stop import give_notice, withdraw_notice
+from . import _process
+
+if TYPE_CHECKING:
+    from ckpt import CheckpointStore
 
 log = logging.getLogger("baton.preempt")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class _Signals:
+    """Process-wide: which signals came, and who acts on the first one."""
+
+    def __init__(self) -> None:
+        self.installed = False  # by `install`: the `baton` command's handler, for the process's life
+        self.starting = True  # no flow run yet: a signal ends the command at once
+        self.received: list[int] = []
+        self.pending: int | None = None  # a first signal during a flow run, before training began
+        self.hook: Callable[[int], None] | None = None  # `on_signals`: the signal becomes a notice
+        self.terminal: _process.Terminal | None = None
+        self.where: Callable[[], str] | None = None  # where the lineage stands, for the last line
+
+
+_STATE = _Signals()
+
+
+def install() -> None:
+    """The `baton` command's handler of SIGTERM, SIGINT and SIGHUP, from its first line on. No-op
+    outside the main thread, and the second time."""
+    if _STATE.installed or threading.current_thread() is not threading.main_thread():
+        return
+    _STATE.installed = True
+    _STATE.terminal = _process.Terminal()
+    _process.adopt_orphans()
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _handle)
+
+
+def uninstall() -> None:
+    """Python's own handling again (`baton serve`: Prefect's runner stops its flow runs itself)."""
+    if not _STATE.installed:
+        return
+    _STATE.installed = False
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+
+
+def flow_started() -> None:
+    """From now on a first signal asks the flow run to stop (a flow run that ended at once would
+    stay Running on the server); before, it ends the command at once."""
+    _STATE.starting = False
+
+
+def tell_where(describe: Callable[[], str]) -> None:
+    """How the last line says where the lineage stands (`describe` reads the store)."""
+    _STATE.where = describe
+
+
+def signal_received() -> int | None:
+    """The first stop signal this process got, if any."""
+    return _STATE.received[0] if _STATE.received else None
+
+
+def _where(timeout_s: float = 2.0) -> str:
+    # In a thread with a time limit: an unreachable store must not hold up an exit that is due now.
+    if _STATE.where is None:
+        return ""
+    said: list[str] = []
+    reader = threading.Thread(target=lambda: said.append(_STATE.where()), daemon=True)
+    reader.start()
+    reader.join(timeout_s)
+    return f"; {said[0]}" if said else ""
+
+
+def exit_now(signum: int, what: str) -> NoReturn:
+    """End the process at once, with every process it started; the commit protocol keeps the store
+    whole. One line to the log and, for `baton`, to the terminal."""
+    line = f"{what}{_where()}"
+    log.warning("%s", line)
+    if _STATE.terminal is not None:
+        _STATE.terminal.say(f"baton: {line}")
+    _process.kill_descendants()
+    os._exit(128 + signum)
+
+
+def _handle(signum: int, frame) -> None:
+    name = signal.Signals(signum).name
+    if signum == signal.SIGHUP and _STATE.terminal is not None:
+        _STATE.terminal.hung_up()
+    if _STATE.received:
+        exit_now(signum, f"second signal ({name}): exiting now; the last committed checkpoint stands")
+    _STATE.received.append(signum)
+    if _STATE.hook is not None:
+        _STATE.hook(signum)
+    elif _STATE.starting:
+        exit_now(signum, f"{name}: stopped during start-up, before training began")
+    else:
+        _STATE.pending = signum
+        log.warning("%s: the run stops before its first block (a second signal exits at once)", name)
+
+
+@contextlib.contextmanager
+def _hooked(hook: Callable[[int], None]) -> Iterator[int | None]:
+    """`hook` gets the first stop signal while the block runs; yields a signal that came before.
+    Without `install` (a served flow run, a test), the handler is installed for the block only."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = {}
+    if main and not _STATE.installed:
+        _STATE.received.clear()
+    if main:
+        # Also with `install`: Prefect's flow engine put its own SIGTERM handler in its place.
+        previous = {sig: signal.signal(sig, _handle) for sig in STOP_SIGNALS}
+    pending, _STATE.pending, _STATE.hook = _STATE.pending, None, hook
+    try:
+        yield pending
+    finally:
+        _STATE.hook = None
+        for sig, old in previous.items():
+            signal.signal(sig, _handle if _STATE.installed else old)
 
 
 def _prefect_cancels() -> bool:
     """A served flow run (Prefect's Runner: `baton serve`, a worker) is cancelled by SIGTERM, sent
-    right after the runner's "cancel" intent is acknowledged on its control channel (Prefect 3.9:
-    prefect.runner._cancellation_manager); the intent tells that SIGTERM from any other."""
-    # Only where Prefect already runs: its control listener is imported when a flow run starts, and
-    # importing Prefect inside a signal handler would delay the notice by a second.
-    listener = sys.modules.get("prefect._internal.control_listener")
-    try:
-        return listener is not None and listener.get_intent() == "cancel"
-    except Exception:  # another Prefect version: the state watch below still sees the cancel
-        return False
+    right after the runner's "cancel" intent is acknowledged on its control channel; the intent
+    tells that SIGTERM from any other."""
+    from ._prefect_internals import control_intent
+
+    return control_intent() == "cancel"
 
 
 class StopRequest:
@@ -90,11 +208,15 @@ class _CancelWatch:
 
 
 @contextlib.contextmanager
-def on_signals(store: CheckpointStore, lineage: str, fence: int, flow_run_id: str | None = None):
-    """While training: the first SIGTERM or SIGINT gives the workers notice (they checkpoint the
-    step they are at and stop); a second one exits at once (the commit protocol keeps the store
-    whole). Signals only in the main thread, where Python delivers them. With `flow_run_id`, a
-    cancel of that flow run from the Prefect UI or API gives notice too. Yields the StopRequest."""
+def on_signals(store: "CheckpointStore", lineage: str, fence: int, flow_run_id: str | None = None):
+    """While training: the first SIGTERM, SIGINT or SIGHUP gives the workers notice (they
+    checkpoint the step they are at and stop); a second one exits at once (the commit protocol
+    keeps the store whole). A signal that came after the flow run began and before this block
+    gives notice at once. Signals only in the main thread, where Python delivers them. With
+    `flow_run_id`, a cancel of that flow run from the Prefect UI or API gives notice too. Yields
+    the StopRequest."""
+    from tasks.runtime.stop import give_notice, withdraw_notice
+
     request = StopRequest()
 
     def notify(reason: str, cancelled: bool, signum: int | None = None) -> None:
@@ -105,29 +227,37 @@ def on_signals(store: CheckpointStore, lineage: str, fence: int, flow_run_id: st
         try:
             give_notice(store, lineage, fence, reason)
         except Exception as err:  # no notice possible: fall back to the last committed checkpoint
-            log.error("could not give the workers notice (%s); exiting", err)
-            os._exit(128 + (signum or signal.SIGTERM))
+            exit_now(signum or signal.SIGTERM, f"could not give the workers notice ({err}); exiting")
 
-    def handler(signum, frame) -> None:
-        if received:
-            log.warning("second signal: exiting now; the last committed checkpoint stands")
-            os._exit(128 + signum)
-        received.append(signum)
+    def on_signal(signum: int) -> None:
         cancelled = _prefect_cancels()
         name = signal.Signals(signum).name
         notify(f"{name} (the flow run was cancelled)" if cancelled else name, cancelled, signum)
 
-    received: list[int] = []
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     watch = _CancelWatch(flow_run_id, lambda: notify("cancelled from the Prefect UI or API", True)) \
         if flow_run_id else contextlib.nullcontext()
     try:
-        with watch:
+        with _hooked(on_signal) as pending, watch:
+            if pending is not None:
+                on_signal(pending)
             yield request
     finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
         if request.reason is not None:
             withdraw_notice(store, lineage, fence)
+
+
+
+
+@contextlib.contextmanager
+def children_ignore_hangup() -> Iterator[None]:
+    """Processes started from this thread meanwhile never see SIGHUP (a blocked signal stays
+    blocked across fork and exec); this process still gets it, in another thread."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+__all__ = ["StopRequest", "children_ignore_hangup", "exit_now", "flow_started", "install", "on_signals",
+           "signal_received", "tell_where", "uninstall"]

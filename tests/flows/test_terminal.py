@@ -17,7 +17,7 @@ from prefect.client.schemas.objects import Log
 from rich.console import Console
 
 from ckpt import CheckpointRef, CheckpointStore, Position, TrainingState, encode
-from flows._run_log import RunLog, from_log, from_record, terminal_line
+from flows._run_log import RunLine, RunLog, from_log, from_record, terminal_line
 from flows._terminal import QuietOutput, TrainMonitor, summary_table
 from flows.train import TrainSummary
 
@@ -127,6 +127,21 @@ def test_off_a_terminal_each_commit_prints_one_progress_line_with_step_loss_and_
     assert "progress: epoch 2 of 4, step 8, loss 0.5, last commit" in lines[1] and "ETA" in lines[1]
     assert "ETA -" not in lines[1]  # one epoch trained in this run: the rate is known
     assert "0.69314718" not in buffer.getvalue()
+
+
+def test_off_a_terminal_progress_lines_take_their_place_among_the_run_lines_by_time(tmp_path):
+    store = CheckpointStore(str(tmp_path / "store"))
+    shown: list[str] = []
+    run_log = RunLog(show=shown.append)
+    monitor = TrainMonitor(store, "demo", epochs=1, console=Console(file=io.StringIO()), live=False)
+    monitor.say = run_log.add_text
+    monitor.poll()
+    committed_at = datetime.now(timezone.utc)
+    _commit(store, 0, 0.69314718)
+    monitor.poll()  # the commit, seen before the block's line about it reached the API
+    run_log.add(RunLine(committed_at, logging.INFO, "end of epoch 0  step 4  loss 0.6931", "block-0"))
+    run_log.finish(read_api=False)
+    assert len(shown) == 2 and "block-0: end of epoch 0" in shown[0] and "progress: epoch 1 of 1" in shown[1], shown
 
 
 def test_the_summary_is_a_short_table_with_rounded_metrics_and_the_log_file(tmp_path):
