@@ -85,7 +85,7 @@ def own_cluster_options() -> dict:
     """Ray options that tell a block task (and the Ray Train actors it starts, which inherit its
     runtime env) the address of the cluster it runs on. Without it Ray Train's PlacementGroupCleaner
     asks for address "auto" and, with a second Ray instance on the machine (two runs side by side),
-    prints a traceback "Found multiple active Ray instances" and stops cleaning (FACTS.md)."""
+    prints a 26-line traceback "Found multiple active Ray instances" and stops cleaning (Ray 2.60)."""
     import ray
 
     if not ray.is_initialized():
@@ -110,13 +110,15 @@ class RayRunner(RayTaskRunner):
 
     def configure(self) -> "RayRunner":
         """Take the `ray.init` arguments from the environment as it is now."""
-        self.init_kwargs = {"namespace": "prefect", **ray_init_kwargs(), **self._given}
+        from ._prefect_internals import set_ray_init_kwargs
+
+        set_ray_init_kwargs(self, {"namespace": "prefect", **ray_init_kwargs(), **self._given})
         return self
 
     def __enter__(self) -> "RayRunner":
         self.configure()
         if os.environ.get("RAY_ADDRESS") and not os.environ.get("RAY_AUTH_MODE"):
-            # Ray reads it when imported, so it cannot be set here (FACTS.md: token auth is on by default).
+            # Ray reads it when imported, so it cannot be set here (Ray 2.60 has token auth on by default).
             logging.getLogger("baton").warning(
                 "RAY_ADDRESS is set but RAY_AUTH_MODE is not: a Ray 2.60 cluster with token authentication "
                 "refuses this driver. Set RAY_AUTH_MODE=token where the flow run starts (baton train and "
