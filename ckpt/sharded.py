@@ -146,14 +146,13 @@ class ShardedCommit:
         versions: dict[str, str] | None = None,
         fence: int = 0,
         before_commit: Callable[[], None] | None = None,
-        load_problems: Callable[[Callable[[str], Any]], list[str]] | None = None,
+        load_problems: Callable[[Manifest], list[str]] | None = None,
     ) -> Manifest:
         """Commit the parts every rank wrote: one manifest, written last (rank 0 only).
 
         `digest` defaults to `parts_digest`. `before_commit` may raise to refuse (fencing, as for
-        `commit`). `load_problems(read)` says why the files of an already committed checkpoint, read by
-        stored name, do not load although their hashes match (a planted pickle): that checkpoint is then
-        replaced. An already committed checkpoint that verifies is returned when its digest is this
+        `commit`). `load_problems(existing)` says why the files of an already committed checkpoint do not
+        load although their hashes match (a planted pickle): that checkpoint is then replaced. An already committed checkpoint that verifies is returned when its digest is this
         one (`CheckpointExists` otherwise), and the files just written for it are removed."""
         ckpt_id = checkpoint_id(position.epoch, position.step)
         files = _merge(parts, validate_name(lineage), ckpt_id)
@@ -195,7 +194,7 @@ class ShardedCommit:
         if check is None:
             return []
         try:
-            return check(lambda name: self.read(existing, name))  # type: ignore[attr-defined]
+            return check(existing)
         except CheckpointError as err:
             return [str(err)]
 

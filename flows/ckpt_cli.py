@@ -271,3 +271,8 @@ def rm(store: str = typer.Argument(..., help="Checkpoint store: folder or fsspec
         raise typer.Exit(2)
     freed = st.delete(lineage, checkpoint)
     console.print(f"deleted {lineage}/{checkpoint} ({freed} bytes)", markup=False, highlight=False)
+
+
+from flows.ckpt_export import export  # noqa: E402  (its own module; registered here, under `baton ckpt`)
+
+app.command("export")(export)

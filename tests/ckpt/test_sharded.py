@@ -128,7 +128,7 @@ def test_a_flipped_byte_in_one_ranks_file_is_named_and_the_next_commit_repairs_i
 def test_a_checkpoint_whose_files_verify_but_do_not_load_is_replaced(store):
     store.commit_parts("run", POSITION, write_all(store))
     replaced = store.commit_parts("run", POSITION, write_all(store),
-                                  load_problems=lambda read: ["metadata is a pickle"])
+                                  load_problems=lambda existing: ["metadata is a pickle"])
     assert store.verify(replaced) == [] and all("-" in name.split(".")[0][5:] for name in replaced.files)
 
 
