@@ -22,16 +22,17 @@ from .errors import (
 from .lease import Lease, LeaseRecord
 from .manifest import CheckpointRef, FileEntry, Manifest, Position
 from .names import checkpoint_id, validate_name
+from .sharded import IncompletePart, Part
 from .retention import Decision, RetentionPlan, RetentionPolicy, apply, collect, plan, prune
 from .state import RankRNG, TrainingState, capture_rng, decode, encode, model_digest, restore_rng
 from .store import CheckpointStore
 
 __all__ = [
     "CheckpointCorrupted", "CheckpointError", "CheckpointExists", "CheckpointNotFound",
-    "CheckpointRef", "CheckpointStore", "CheckpointUndecodable", "Decision", "FileEntry", "InjectedFault",
+    "CheckpointRef", "CheckpointStore", "CheckpointUndecodable", "Decision", "FileEntry", "IncompletePart", "InjectedFault",
     "InvalidArgument",
     "InvalidFault", "InvalidName", "Lease", "LeaseHeld", "LeaseLost", "LeaseRecord", "LeaseUnreadable",
-    "Manifest", "ManifestUnreadable", "Position", "RankRNG",
+    "Manifest", "ManifestUnreadable", "Part", "Position", "RankRNG",
     "RetentionPlan", "RetentionPolicy", "StoreUnreachable", "UnreadableFile", "apply", "collect", "faults", "plan", "prune",
     "TrainingState", "capture_rng", "checkpoint_id", "decode", "encode", "model_digest",
     "restore_rng", "validate_name",
