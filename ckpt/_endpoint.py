@@ -1,4 +1,5 @@
-"""S3 stores answer quickly when their server cannot be reached.
+"""Object stores answer quickly when their server cannot be reached (S3 here; GCS and Azure Blob set
+their retry policies in ckpt/_gcs.py and ckpt/_azure.py, and are wrapped the same way).
 
 botocore's defaults (and the 10 adaptive attempts Baton used to set) retry a refused or timed-out
 connection for over a minute per call, and a store makes several calls before it reports anything:
@@ -9,6 +10,7 @@ botocore, and again by s3fs for `SlowDown` and timeouts)."""
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import StoreUnreachable
@@ -27,6 +29,29 @@ def s3_config(options: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+@dataclass(frozen=True)
+class Service:
+    """How `StoreUnreachable` names a service: its name, where it goes when no endpoint is set, and
+    the settings that fix a wrong or slow one."""
+    name: str
+    default_endpoint: str
+    fixes: str
+
+
+S3 = Service("S3", "the default AWS S3 endpoint",
+             "2. check `endpoint_url` (in storage_options, or AWS_ENDPOINT_URL); 3. to wait longer for a slow "
+             'server, set storage_options {"config_kwargs": {"connect_timeout": S, "retries": '
+             '{"total_max_attempts": N}}} '
+             f"(Baton's defaults: {CONNECT_TIMEOUT_S} s and {RETRIES['total_max_attempts']} attempts)")
+GCS = Service("Google Cloud Storage", "https://storage.googleapis.com",
+              "2. check STORAGE_EMULATOR_HOST (an emulator) or `endpoint_url` in storage_options; 3. check "
+              f"the network to Google (Baton waits {CONNECT_TIMEOUT_S} s for a connection, 4 attempts)")
+AZURE = Service("Azure Blob", "https://ACCOUNT.blob.core.windows.net",
+                "2. check the account and endpoint in AZURE_STORAGE_CONNECTION_STRING (BlobEndpoint=) or "
+                "AZURE_STORAGE_ACCOUNT_NAME, or `account_host` in storage_options; 3. check the network "
+                f"(Baton waits {CONNECT_TIMEOUT_S} s for a connection, 4 attempts)")
+
+
 def endpoint_of(options: dict[str, Any]) -> str | None:
     return options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url")
 
@@ -35,11 +60,11 @@ class UnreachableAsError:
     """The filesystem, whose calls raise `StoreUnreachable` naming the endpoint and the fix instead
     of botocore's bare connection errors. Everything else passes through unchanged."""
 
-    def __init__(self, fs: Any, url: str, endpoint: str | None):
-        self._fs, self._url, self._endpoint = fs, url, endpoint
+    def __init__(self, fs: Any, url: str, endpoint: str | None, service: Service = S3):
+        self._fs, self._url, self._endpoint, self._service = fs, url, endpoint, service
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("_fs", "_url", "_endpoint"):
+        if name.startswith("__") or name in ("_fs", "_url", "_endpoint", "_service"):
             # Not yet set while unpickling: looking it up on `_fs` would recurse.
             raise AttributeError(name)
         value = getattr(self._fs, name)
@@ -52,7 +77,7 @@ class UnreachableAsError:
                 return value(*args, **kwargs)
             except Exception as err:
                 if _is_connection_error(err):
-                    raise StoreUnreachable(_message(self._url, self._endpoint, err)) from err
+                    raise StoreUnreachable(_message(self._url, self._endpoint, err, self._service)) from err
                 raise
         return call
 
@@ -61,18 +86,35 @@ class UnreachableAsError:
 
 
 def _is_connection_error(err: BaseException) -> bool:
+    return isinstance(err, _connection_errors())
+
+
+@functools.cache
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """What each client raises when it cannot connect at all (refused, no route, connect timeout):
+    botocore's for S3, aiohttp's for gcsfs, azure-core's ServiceRequestError for adlfs. Each import
+    is optional: without that client there is no such store either."""
+    found: list[type[BaseException]] = []
     try:
         from botocore.exceptions import ConnectionError as BotoConnectionError
-    except ImportError:  # no botocore: no S3 store either
-        return False
-    return isinstance(err, BotoConnectionError)
+        found.append(BotoConnectionError)
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+        found += [aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError]
+    except (ImportError, AttributeError):
+        pass
+    try:
+        from azure.core.exceptions import ServiceRequestError
+        found.append(ServiceRequestError)
+    except ImportError:
+        pass
+    return tuple(found)
 
 
-def _message(url: str, endpoint: str | None, err: BaseException) -> str:
-    where = endpoint or getattr(err, "kwargs", {}).get("endpoint_url") or "the default AWS S3 endpoint"
+def _message(url: str, endpoint: str | None, err: BaseException, service: Service = S3) -> str:
+    where = endpoint or getattr(err, "kwargs", {}).get("endpoint_url") or service.default_endpoint
     return (
-        f"cannot reach the S3 endpoint {where} of store {url} ({err.__class__.__name__}: {err}). "
-        f"To resolve this: 1. start the S3 server or check the network; 2. check `endpoint_url` (in "
-        f"storage_options, or AWS_ENDPOINT_URL); 3. to wait longer for a slow server, set storage_options "
-        f'{{"config_kwargs": {{"connect_timeout": S, "retries": {{"total_max_attempts": N}}}}}} '
-        f"(Baton's defaults: {CONNECT_TIMEOUT_S} s and {RETRIES['total_max_attempts']} attempts)")
+        f"cannot reach the {service.name} endpoint {where} of store {url} ({err.__class__.__name__}: {err}). "
+        f"To resolve this: 1. start the {service.name} server or check the network; {service.fixes}")

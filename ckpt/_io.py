@@ -23,7 +23,7 @@ import blake3
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from . import _endpoint
+from . import _cloud, _endpoint
 from ._blob import CHUNK, HASH_THREADS, Blob, ChunkHasher, blake3_hex, chunked_sha256, hash_pool
 from .manifest import FileEntry
 
@@ -37,6 +37,8 @@ def open_filesystem(url: str, storage_options: dict[str, Any] | None = None):
         root = os.path.abspath(os.path.expanduser(url))
         return LocalFileSystem(auto_mkdir=True), root, root
     protocol = url.split("://", 1)[0]
+    if protocol in _cloud.PROTOCOLS:  # gs://, az://: Baton's own gcsfs/adlfs classes, ckpt/_cloud.py
+        return _cloud.open_filesystem(url, protocol, options)
     if protocol in ("s3", "s3a"):
         # Listings must never be stale after another process writes (a resumed run, a cleanup).
         options.setdefault("use_listings_cache", False)
@@ -394,7 +396,7 @@ def remove_remote_files(fs, folder: str, last: str | None = None) -> int:
 
 def mtime(info: dict) -> float:
     """Modification time of an fsspec listing entry, whatever the backend calls it."""
-    value = info.get("mtime") or info.get("LastModified") or info.get("created")
+    value = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("created")
     if isinstance(value, datetime):
         return value.replace(tzinfo=value.tzinfo or timezone.utc).timestamp()
     if value is None:

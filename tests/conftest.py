@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+# The GCS and Azure Blob emulators' fixtures (gcs_env, gcs_store, azure_env, azure_store).
+from tests.cloudservers import azure_env, azure_store, gcs_env, gcs_store  # noqa: F401
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 

@@ -1,5 +1,5 @@
 """The store backends every store and lease test runs against: a local folder, `memory://` and the
-real S3 server."""
+real S3 server, the GCS emulator and the Azure Blob emulator."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import pytest
 
 from ckpt import CheckpointStore
 
-BACKENDS = ["local", "memory", pytest.param("s3", marks=pytest.mark.s3)]
+CLOUD = [pytest.param("gcs", marks=[pytest.mark.integration, pytest.mark.gcs]),
+         pytest.param("azure", marks=[pytest.mark.integration, pytest.mark.azure])]  # their emulators
+BACKENDS = ["local", "memory", pytest.param("s3", marks=pytest.mark.s3), *CLOUD]
 # Backends another process sees too (memory:// lives in one process).
-SHARED_BACKENDS = ["local", pytest.param("s3", marks=pytest.mark.s3)]
+SHARED_BACKENDS = ["local", pytest.param("s3", marks=pytest.mark.s3), *CLOUD]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -26,6 +28,8 @@ def store_url(request, tmp_path):
         memory = fsspec.filesystem("memory")
         if memory.exists(root):
             memory.rm(root, recursive=True)
+    elif request.param in ("gcs", "azure"):
+        yield request.getfixturevalue(f"{request.param}_store") + "/root"
     else:
         yield request.getfixturevalue("s3_store") + "/root"
 
