@@ -13,7 +13,7 @@ from dataclasses import asdict
 from ._common import MiB, Result
 
 SUITE = ("save_vs_disk", "async_stall_vs_sync", "resume_vs_fresh", "cleanup_10k_s", "cleanup_dry_run_1k_s", "flow_vs_plain", "loop_vs_plain", "blocks_vs_one_fit",
-         "notice_to_commit_s")
+         "notice_to_commit_s", "sharded_save_vs_dcp")
 
 
 def _machine() -> dict[str, str]:
@@ -29,7 +29,7 @@ def _machine() -> dict[str, str]:
 
 
 def run(names: list[str], quick: bool, where: str | None) -> list[Result]:
-    from . import cleanup, flow, loop, preempt, resume, storage, warm
+    from . import cleanup, flow, loop, preempt, resume, sharded, storage, warm
 
     results: list[Result] = []
     for name in names:
@@ -51,6 +51,8 @@ def run(names: list[str], quick: bool, where: str | None) -> list[Result]:
             results.append(cleanup.cleanup(where=where))
         elif name == "cleanup_dry_run_1k_s":
             results.append(cleanup.cleanup_dry_run_cli(where=where))
+        elif name == "sharded_save_vs_dcp":  # also sharded_load_vs_dcp
+            results += sharded.sharded_vs_dcp((256 if quick else 1024) * MiB, reps=2 if quick else 4, where=where)
         elif name == "notice_to_commit_s":
             results.append(preempt.notice_to_commit(reps=3 if quick else 7))
         else:
