@@ -306,8 +306,8 @@ def save(store, lineage: str, position: Position, state_dict: dict[str, Any], *,
 def load(store, manifest: Manifest, state_dict: dict[str, Any], *, verify: bool = True, process_group=None) -> None:
     """Load a sharded checkpoint into `state_dict` in place (DTensors, plain tensors, values) on every
     rank, whatever the number of ranks that saved it; then `set_state_dict(model, optimizer, ...)`."""
-    read_metadata(store, manifest)  # a bad checkpoint raises its own error here, on every rank
     reader = StoreReader(store, manifest, verify=verify)
+    reader.read_metadata()  # a bad checkpoint raises its own error here, on every rank (and it is read once)
     _unwrapped(lambda: dcp.load(state_dict, storage_reader=reader, planner=LoadPlanner(), process_group=process_group,
                               no_dist=_alone()))
 

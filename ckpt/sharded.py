@@ -151,9 +151,10 @@ class ShardedCommit:
         """Commit the parts every rank wrote: one manifest, written last (rank 0 only).
 
         `digest` defaults to `parts_digest`. `before_commit` may raise to refuse (fencing, as for
-        `commit`). `load_problems(existing)` says why the files of an already committed checkpoint do not
-        load although their hashes match (a planted pickle): that checkpoint is then replaced. An already committed checkpoint that verifies is returned when its digest is this
-        one (`CheckpointExists` otherwise), and the files just written for it are removed."""
+        `commit`). `load_problems(existing)` says why the files of an already committed checkpoint
+        (its manifest) do not load although their hashes match (a planted pickle): that checkpoint is
+        then replaced. An already committed checkpoint that verifies is returned when its digest is
+        this one (`CheckpointExists` otherwise), and the files just written for it are removed."""
         ckpt_id = checkpoint_id(position.epoch, position.step)
         files = _merge(parts, validate_name(lineage), ckpt_id)
         self._check_present(lineage, ckpt_id, files)

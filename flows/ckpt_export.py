@@ -8,7 +8,10 @@ import typer
 from rich.console import Console
 
 from ckpt import CheckpointError, CheckpointStore
-from ckpt.export import DTYPES, export_safetensors
+
+# ckpt.export is imported when the command runs: torch.distributed.checkpoint would add seconds to
+# every `baton` command's start.
+DTYPE_NAMES = ("fp32", "fp16", "bf16")  # ckpt.export.DTYPES
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -18,13 +21,15 @@ def export(store: str = typer.Argument(..., help="Checkpoint store: folder or fs
            which: str = typer.Argument(..., metavar="LINEAGE[@ID|@latest|@best|@ALIAS]",
                                        help="Lineage, and which of its checkpoints (default: latest)."),
            to: str = typer.Option(..., "--to", help="The safetensors file to write (replaced if it exists)."),
-           dtype: str = typer.Option(None, "--dtype", help=f"Cast floating-point weights: {', '.join(DTYPES)}."),
+           dtype: str = typer.Option(None, "--dtype", help=f"Cast floating-point weights: {', '.join(DTYPE_NAMES)}."),
            metric: str = typer.Option("loss", help="Metric that decides `best`."),
            mode: str = typer.Option("min", help="min or max, for `best`."),
            prefix: str = typer.Option("model.", help="Prefix of the model's tensors in a sharded checkpoint's "
                                                       "state dict (`ckpt.dcp.save({'model': ...})`).")) -> None:
     """Write a checkpoint's model weights, whole, as one safetensors file with the unwrapped module's
     parameter names (works for sharded and single-writer checkpoints; every file is verified)."""
+    from ckpt.export import export_safetensors
+
     lineage, _, selector = which.partition("@")
     try:
         st = CheckpointStore(store)

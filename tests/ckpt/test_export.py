@@ -11,7 +11,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 
 import ckpt.dcp
 from ckpt import CheckpointUndecodable, InvalidArgument, Position, TrainingState, encode
-from ckpt.export import export_safetensors, unwrapped_name
+from ckpt.export import DTYPES, export_safetensors, unwrapped_name
 
 from . import _ranks
 
@@ -59,6 +59,12 @@ def test_an_unknown_dtype_or_prefix_is_refused_naming_the_choices(store, tmp_pat
         export_safetensors(store, manifest, str(tmp_path / "x"), dtype="int3")
     with pytest.raises(CheckpointUndecodable, match="prefix"):
         export_safetensors(store, manifest, str(tmp_path / "x"), prefix="net.")
+
+
+def test_the_commands_dtype_choices_are_the_librarys():
+    from flows.ckpt_export import DTYPE_NAMES
+
+    assert DTYPE_NAMES == tuple(DTYPES)
 
 
 def test_wrapper_segments_are_dropped_from_names_wherever_they_are():
