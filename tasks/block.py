@@ -13,10 +13,11 @@ from prefect.cache_policies import NO_CACHE
 from ckpt import CheckpointRef, CheckpointStore, Manifest
 
 from .cluster import wait_for_resources, warn_if_store_not_shared
-from .errors import BlockIncomplete, GroupLost, Preempted, preempted_in
+from .errors import BlockIncomplete, GroupLost, Preempted, RankHung, preempted_in
 from .runtime.resume import newest_good
 from .runtime.spec import BlockSpec
 from .runtime.stop import DRAIN, read_notice, withdraw_notice
+from .runtime.watchdog import clear_reports, describe_hang, read_reports
 from .watch import CommitWatcher, WorkerLogs
 
 Route = Literal["skip", "warm", "fresh"]
@@ -42,6 +43,20 @@ def stopped(spec: BlockSpec, store: CheckpointStore) -> Preempted | None:
     latest = store.latest(spec.lineage)
     return Preempted(latest.epoch if latest else 0, latest.step if latest else 0, latest.id if latest else None,
                      reason=reason, drain=reason.startswith(DRAIN))
+
+
+def failed_because(spec: BlockSpec, store: CheckpointStore, since: float) -> Preempted | RankHung | None:
+    """Why the workers' training failed, when Baton knows better than the error Ray raised: they
+    stopped on a preemption notice (a hang during a notice ends at the last committed checkpoint),
+    or a rank hung (tasks/runtime/watchdog.py: the ranks' reports, written after `since`)."""
+    preempted = stopped(spec, store)
+    if preempted is not None:
+        return preempted
+    hung = describe_hang(read_reports(store, spec.lineage, spec.fence, since), spec.settings.workers)
+    if hung is None:
+        return None
+    clear_reports(store, spec.lineage, spec.fence)
+    return RankHung(hung)
 
 
 def reached(spec: BlockSpec, store: CheckpointStore) -> CheckpointRef:
@@ -89,6 +104,7 @@ def _train_warm(spec: BlockSpec, store: CheckpointStore, start: Manifest | None,
     from . import warm
 
     named = spec.model_copy(update={"warm_group": spec.warm_group or warm.group_name(spec, flow_run)})
+    since = time.time()
     try:
         with CommitWatcher(store, spec.lineage, logger, policy=spec.settings.prune,
                            worker_logs=WorkerLogs.open(logger)):
@@ -100,10 +116,12 @@ def _train_warm(spec: BlockSpec, store: CheckpointStore, start: Manifest | None,
         logger.warning("the warm worker group of %s is gone (%s): block %d starts a fresh one from the store",
                        spec.lineage, err, spec.index)
         return None
-    except Exception:
-        preempted = stopped(spec, store)
-        if preempted is not None:
-            raise preempted from None
+    except Exception as err:
+        known = failed_because(spec, store, since)
+        if isinstance(known, Preempted):
+            raise known from None
+        if known is not None:
+            raise known from err
         raise
     how = ("the worker group started with the run" if result.prestarted else
            "a new worker group" if result.fresh else "the warm worker group, no restart")
@@ -115,8 +133,18 @@ def _train_fresh(spec: BlockSpec, store: CheckpointStore, logger) -> CheckpointR
     from .trainer import build_trainer
 
     trainer = build_trainer(spec.model_copy(update={"warm_group": None}), f"block{spec.index}")
-    with CommitWatcher(store, spec.lineage, logger, policy=spec.settings.prune, worker_logs=WorkerLogs.open(logger)):
-        trainer.fit()
+    since = time.time()
+    try:
+        with CommitWatcher(store, spec.lineage, logger, policy=spec.settings.prune,
+                           worker_logs=WorkerLogs.open(logger)):
+            trainer.fit()
+    except Exception as err:
+        known = failed_because(spec, store, since)
+        if isinstance(known, Preempted):
+            raise known from None
+        if known is not None:
+            raise known from err
+        raise
     return reached(spec, store)
 
 

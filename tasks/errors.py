@@ -16,7 +16,7 @@ from .runtime.errors import (
 )
 
 __all__ = ["BlockIncomplete", "CommitFailed", "GroupFailed", "GroupLost", "InjectedFailure", "LoopError",
-           "LoopNotFound", "NonFiniteMetric", "NotEnoughResources", "Preempted", "RecipeError", "TaskError",
+           "LoopNotFound", "NonFiniteMetric", "NotEnoughResources", "Preempted", "RankHung", "RecipeError", "TaskError",
            "preempted_in"]
 
 
@@ -32,6 +32,10 @@ class GroupLost(TaskError):
 class GroupFailed(TaskError):
     """The warm group's training ended before the block's end epoch was committed; `__cause__` is
     the error its `fit()` raised, kept as it was."""
+
+
+class RankHung(TaskError):
+    """A rank made no progress for the step timeout: the block failed (and is retried) naming it."""
 
 
 class BlockIncomplete(TaskError):

@@ -24,6 +24,7 @@ lines to a `BlockCursor`, `EpochMeans` and `Reports` (progress.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any, Callable, Iterator
@@ -42,6 +43,7 @@ from .recipes import RecipeParams
 from .resume import Resumer
 from .spec import BlockSpec
 from .stop import Stop, StopVote
+from .watchdog import StepWatchdog
 
 __all__ = ["TrainContext"]
 
@@ -79,6 +81,7 @@ class TrainContext:
         self._exhausted = False
         self._created = time.perf_counter()
         self.ready_s: float | None = None
+        self._watchdog: StepWatchdog | None = None  # under Ray Train: a rank that hangs is stopped
 
     # ---- what a loop reads
     @property
@@ -185,6 +188,8 @@ class TrainContext:
         self._loaders.audit(self.spec.settings.sample_log)
         self._position = Position(epoch=epoch, batch_in_epoch=self._data_position(), epoch_complete=False,
                                   step=self._position.step + 1)
+        if self._watchdog is not None:
+            self._watchdog.beat(self._position.step, epoch_end_next=bool(self._loaders) and not self._loaders.mid_epoch())
         every = self.spec.settings.checkpoint_every_steps
         if every and self._position.step % every == 0 and self._mid_epoch_checkpoint_possible():
             self._checkpoint(report=False)
@@ -239,10 +244,12 @@ class TrainContext:
                             "iterate `for epoch in ctx.epochs():` to its end")
         self._settle()
         self._stop.close()
+        self._watchdog and self._watchdog.close()
 
     def abandon(self) -> None:
         """Training failed: let a save in flight finish (its snapshot is consistent), no collectives."""
         self._stop.close()
+        self._watchdog and self._watchdog.close()
         if self._committer:
             self._committer.abandon()
 
@@ -264,14 +271,15 @@ class TrainContext:
         """Warm group: report the block's end (its last checkpoint committed) and wait for the next."""
         if not self.spec.warm_group:
             return False
-        self._settle()
-        command = None
-        if self.rank == 0:
-            from .group import fetch_command
+        with self._paused():  # the wait for the next block is no step
+            self._settle()
+            command = None
+            if self.rank == 0:
+                from .group import fetch_command
 
-            last = self._committer.parent if self._committer else None
-            command = fetch_command(self.spec.warm_group, self._position.epochs_done, last)
-        command = self._dist.broadcast_object(command)
+                last = self._committer.parent if self._committer else None
+                command = fetch_command(self.spec.warm_group, self._position.epochs_done, last)
+            command = self._dist.broadcast_object(command)
         if command is None:
             return False
         self._cursor.advance(command)
@@ -287,6 +295,17 @@ class TrainContext:
     def _watch(self) -> None:
         block = self.spec
         self._stop.watch(self.store, block.lineage, block.fence, notices=self.rank == 0, drain=self._ray_train)
+        if not self._ray_train:
+            return  # one process (run_local): no other rank waits on this one
+        if self._watchdog is None:
+            self._watchdog = StepWatchdog(self.store, block.lineage, block.fence, self.rank,
+                                          timeout_s=block.settings.step_timeout_s,
+                                          noticed=lambda: self._stop.noticed).start()
+        self._watchdog.fence = block.fence
+
+    def _paused(self):
+        """Baton's own long phases (a commit, the wait for the next block) do not count as a hang."""
+        return self._watchdog.paused() if self._watchdog is not None else contextlib.nullcontext()
 
     def _begin_epoch(self, epoch: int, resume: bool) -> None:
         # `resume`: the first epoch after a restore that stopped mid-epoch.
@@ -316,20 +335,22 @@ class TrainContext:
 
     def _settle(self) -> None:
         """The last save committed and reported, on every rank."""
-        self._stop.settle()
-        error = self._committer.close() if self._committer else None
-        self._dist.agree(error)
-        self._reports.flush()
+        with self._paused():
+            self._stop.settle()
+            error = self._committer.close() if self._committer else None
+            self._dist.agree(error)
+            self._reports.flush()
 
     def _checkpoint(self, report: bool, epoch_metrics: dict[str, float] | None = None) -> dict[str, float]:
         # Collectives first, in the same order on every rank; the background save does none.
-        metrics, progress = self._means.reduce(self._dist, epoch_metrics)
-        ranks = self._dist.gather_object({"rng": capture_rng(), "loaders": self._loaders.state_dicts()})
-        error = None
-        if self._committer is not None:
-            state = self._resumer.capture(self._objects, self._user_state, self._position, ranks, progress)
-            error = self._committer.commit(state, metrics, self.spec)
-        self._dist.agree(error)
+        with self._paused():
+            metrics, progress = self._means.reduce(self._dist, epoch_metrics)
+            ranks = self._dist.gather_object({"rng": capture_rng(), "loaders": self._loaders.state_dicts()})
+            error = None
+            if self._committer is not None:
+                state = self._resumer.capture(self._objects, self._user_state, self._position, ranks, progress)
+                error = self._committer.commit(state, metrics, self.spec)
+            self._dist.agree(error)
         self._committed_step = self._position.step
         self._reports.committed({**metrics, "epoch": self._position.epoch, "step": self._position.step}
                                 if report else None)

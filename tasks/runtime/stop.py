@@ -231,7 +231,7 @@ class StopVote:
         if self._last_step_at is not None:
             self.step_s = now - self._last_step_at
         self._last_step_at = now
-        agreed, self._vote = self._vote, self._dist.start_any(self._noticed())
+        agreed, self._vote = self._vote, self._dist.start_any(self.noticed)
         if agreed is None or not self._dist.finish_any(agreed):
             return None
         self.settle()
@@ -270,7 +270,9 @@ class StopVote:
             self._log(stopped, saved_s)
         raise stopped
 
-    def _noticed(self) -> bool:
+    @property
+    def noticed(self) -> bool:
+        """This rank has seen a notice (rank 0: the store's; any rank: its node's drain)."""
         return bool(self.notice and self.notice.requested) or bool(self.drain and self.drain.requested)
 
     def _log(self, stopped: Preempted, saved_s: float) -> None:

@@ -116,6 +116,7 @@ class StepWatchdog:
         self.step = 0
         self._last = clock()
         self._paused = 0
+        self._relaxed = True  # until the first beat: start-up (restore, loaders, DDP's first buckets)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.fired: HangReport | None = None
@@ -125,12 +126,14 @@ class StepWatchdog:
         self._thread.start()
         return self
 
-    def beat(self, step: int) -> None:
+    def beat(self, step: int, *, epoch_end_next: bool = False) -> None:
+        """Step `step` is done. `epoch_end_next`: it was the loader's last batch, and what comes
+        before `end_epoch` (a validation pass) is the loop's own: the start-up allowance holds then."""
         now = self.clock()
         with self._lock:
-            if self.step and step > self.step:
+            if self.step and step > self.step and not self._relaxed:
                 self.timeout.observe(now - self._last)
-            self.step, self._last = step, now
+            self.step, self._last, self._relaxed = step, now, epoch_end_next
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -149,8 +152,10 @@ class StepWatchdog:
         with self._lock:
             if self._paused:
                 return None
-            waited = self.clock() - self._last
+            waited, relaxed = self.clock() - self._last, self._relaxed
         limit = self.timeout.notice_seconds if self.noticed() else self.timeout.seconds
+        if relaxed and self.timeout.fixed_s is None and not self.noticed():
+            limit = max(limit, STARTUP_ALLOWANCE_S)
         return waited if waited > limit else None
 
     def check(self) -> HangReport | None:

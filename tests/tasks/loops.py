@@ -156,3 +156,25 @@ def counts_batches(ctx) -> None:
             optimizer.step()
             ctx.step()
         ctx.end_epoch()
+
+
+def hangs_on_rank_1(ctx) -> None:
+    """A plain loop on ctx.loader; with `hang_at` in ctx.options, rank 1 sleeps forever before that
+    step (after writing `hang_file`): the step watchdog's case."""
+    model = nn.Linear(12, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    ctx.restore(model=model, optimizer=optimizer)
+    net = ctx.prepare_model(model) if ctx.world_size > 1 else model
+    loader = ctx.loader(Noisy(), batch_size=8, num_workers=0)
+    hang_at = ctx.options.get("hang_at")
+    for _ in ctx.epochs():
+        for x, y in loader:
+            if hang_at is not None and ctx.rank == 1 and ctx.global_step + 1 == hang_at:
+                with open(ctx.options["hang_file"], "w") as marker:
+                    marker.write(str(time.time()))
+                time.sleep(3600)
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(net(x), y)
+            loss.backward()
+            optimizer.step()
+            ctx.step(loss=loss.item())
