@@ -104,6 +104,13 @@ class Terminal:
         except OSError:
             pass
 
+    def is_stderr(self) -> bool:
+        """fd 2 still leads where it led at the start (nothing sent it to a log file)."""
+        try:
+            return self.fd is not None and os.path.samestat(os.fstat(2), os.fstat(self.fd))
+        except OSError:
+            return False
+
     def say(self, line: str) -> None:
         """One line, after clearing a live progress line and showing the cursor rich hid."""
         if self.fd is None:

@@ -320,6 +320,7 @@ def _ray_starter(started: list[bool], config):
         # `baton` only, which stops the run while Ray still runs (Ray already blocks SIGINT in them).
         with signals.children_ignore_hangup():
             started.append(start_local_ray())
+        signals.reclaim()  # ray.init made SIGTERM a sys.exit
         if started[-1] and config is not None:
             prestart_group(config)
     return alongside

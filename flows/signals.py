@@ -57,6 +57,14 @@ def install() -> None:
         signal.signal(sig, _handle)
 
 
+def reclaim() -> None:
+    """Baton's handler again, after a library put its own in place (`ray.init` makes SIGTERM a
+    `sys.exit` in the driver). No-op without `install`."""
+    if _STATE.installed and threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _handle)
+
+
 def uninstall() -> None:
     """Python's own handling again (`baton serve`: Prefect's runner stops its flow runs itself)."""
     if not _STATE.installed:
@@ -97,9 +105,11 @@ def exit_now(signum: int, what: str) -> NoReturn:
     """End the process at once, with every process it started; the commit protocol keeps the store
     whole. One line to the log and, for `baton`, to the terminal."""
     line = f"{what}{_where()}"
-    log.warning("%s", line)
-    if _STATE.terminal is not None:
-        _STATE.terminal.say(f"baton: {line}")
+    terminal = _STATE.terminal
+    if terminal is None or not terminal.is_stderr():  # else the log line would be the same line twice
+        log.warning("%s", line)
+    if terminal is not None:
+        terminal.say(f"baton: {line}")
     _process.kill_descendants()
     os._exit(128 + signum)
 
@@ -109,7 +119,7 @@ def _handle(signum: int, frame) -> None:
     if signum == signal.SIGHUP and _STATE.terminal is not None:
         _STATE.terminal.hung_up()
     if _STATE.received:
-        exit_now(signum, f"second signal ({name}): exiting now; the last committed checkpoint stands")
+        exit_now(signum, f"second signal: exiting now ({name}); the last committed checkpoint stands")
     _STATE.received.append(signum)
     if _STATE.hook is not None:
         _STATE.hook(signum)
@@ -260,4 +270,4 @@ def children_ignore_hangup() -> Iterator[None]:
 
 
 __all__ = ["StopRequest", "children_ignore_hangup", "exit_now", "flow_started", "install", "on_signals",
-           "signal_received", "tell_where", "uninstall"]
+           "reclaim", "signal_received", "tell_where", "uninstall"]

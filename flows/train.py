@@ -123,7 +123,11 @@ class RayRunner(RayTaskRunner):
                 "RAY_ADDRESS is set but RAY_AUTH_MODE is not: a Ray 2.60 cluster with token authentication "
                 "refuses this driver. Set RAY_AUTH_MODE=token where the flow run starts (baton train and "
                 "baton serve do it themselves; a `prefect worker` needs it exported).")
-        return super().__enter__()
+        entered = super().__enter__()
+        from .signals import reclaim
+
+        reclaim()  # ray.init made SIGTERM a sys.exit; `baton train` keeps its own handler
+        return entered
 
 
 def _owner(run_name: str | None) -> str:

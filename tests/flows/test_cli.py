@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,60 @@ def test_the_baton_executable_lists_a_store_without_importing_prefect_ray_or_dep
                 if line.startswith("import time:")}
     assert "ckpt" in imported and "flows" in imported  # the profile is there
     assert not imported & {"prefect", "prefect_ray", "ray", "deployments", "matplotlib"}, sorted(imported)
+
+
+def _one_line_error(out) -> str:
+    assert out.exit_code == 2, out.output
+    assert isinstance(out.exception, SystemExit), out.exception  # no traceback: typer's exit
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in out.output, out.stderr
+    return lines[0]
+
+
+def _refused_at_once(*args: str):
+    from flows._process import descendants
+
+    before, started = descendants(), time.monotonic()
+    out = baton("train", *args)
+    took = time.monotonic() - started
+    assert took < 10, f"refused only after {took:.1f} s"
+    assert descendants() - before == set()  # no Prefect server, no Ray: nothing was started
+    return _one_line_error(out)
+
+
+def test_a_second_train_on_a_leased_lineage_is_refused_at_once_naming_the_holder_and_starting_nothing(in_tmp):
+    from ckpt import Lease
+
+    store = CheckpointStore(str(in_tmp / "s"))
+    with Lease(store, "held", owner="the first run"):  # this process is alive: a live holder
+        line = _refused_at_once("--store", store.url, "--lineage", "held")
+    assert "is being trained by the first run" in line and f"baton preempt {store.url} held" in line
+    assert "from scratch" not in line
+
+
+def test_train_on_a_store_that_is_a_file_is_refused_at_once_naming_it(in_tmp):
+    (in_tmp / "bad").write_text("not a folder")
+    line = _refused_at_once("--store", str(in_tmp / "bad"), "--lineage", "x")
+    assert f"{in_tmp / 'bad'} is a file, not a checkpoint store" in line and "from scratch" not in line
+    line = _refused_at_once("--store", str(in_tmp / "bad" / "below"), "--lineage", "x")
+    assert f"{in_tmp / 'bad'} is a file" in line
+
+
+def test_preempt_tells_a_bad_name_a_garbage_lease_and_a_missing_or_file_store_in_one_line(in_tmp):
+    store = in_tmp / "s"
+    (store / "a1" / "_lease").mkdir(parents=True)
+    (store / "a1" / "_lease" / "current.json").write_text("garbage")
+    (in_tmp / "afile").write_text("x")
+    assert "invalid lineage name '../bad'" in _one_line_error(baton("preempt", str(store), "../bad"))
+    assert "unreadable lease record" in _one_line_error(baton("preempt", str(store), "a1"))
+    assert f"no checkpoint store at {in_tmp / 'nope'}" in _one_line_error(baton("preempt", str(in_tmp / "nope"), "a1"))
+    assert "is a file, not a checkpoint store" in _one_line_error(baton("preempt", str(in_tmp / "afile"), "a1"))
+    nobody = baton("preempt", str(store), "a2")
+    assert nobody.exit_code == 1 and "no run is training a2" in nobody.stderr
+
+
+def test_cleanup_and_ckpt_ls_name_a_store_that_is_missing_or_a_file(in_tmp):
+    (in_tmp / "afile").write_text("x")
+    assert f"no checkpoint store at {in_tmp / 'nope'}" in _one_line_error(baton("cleanup", str(in_tmp / "nope")))
+    assert "is a file" in _one_line_error(baton("cleanup", str(in_tmp / "afile"), "--keep-last", "1"))
+    assert "is a file" in _one_line_error(baton("ckpt", "ls", str(in_tmp / "afile")))
