@@ -6,6 +6,9 @@ here: the API is the same from any process (tests/ckpt/test_dcp.py runs real ran
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -24,7 +27,8 @@ from ckpt import (
 from ckpt.manifest import MANIFEST_NAME, Manifest, decode_manifest, encode_manifest
 from ckpt.sharded import IncompletePart, Part, parts_digest, rank_files
 
-from .test_store import read_raw, write_raw
+from .conftest import SHARED_BACKENDS
+from .test_store import ROOT, read_raw, write_raw
 
 POSITION = Position(epoch=1, batch_in_epoch=3, epoch_complete=False, step=7)
 CKPT_ID = "000001-0000000007"
@@ -157,3 +161,35 @@ def test_reading_a_missing_part_file_of_a_committed_checkpoint_names_it(store):
     store.fs.rm_file(store.path("run", CKPT_ID, "rank-00000.rng.json"))
     with pytest.raises(CheckpointCorrupted, match="rank-00000.rng.json: missing"):
         store.read(manifest, "rank-00000.rng.json")
+
+
+KILLED_WRITER = """
+import os, sys
+from ckpt import CheckpointStore, Position
+store = CheckpointStore(sys.argv[1])
+before = Position(epoch=0, batch_in_epoch=0, epoch_complete=True, step=3)
+store.commit_parts("run", before, [store.write_part("run", "000000-0000000003", r, {"data.distcp": b"old"}) for r in range(2)])
+parts = [store.write_part("run", sys.argv[2], 0, {"data.distcp": bytes(1000)})]
+os.write(1, b"writing\\n")
+parts.append(store.write_part("run", sys.argv[2], 1, {"data.distcp": bytes(128 * 2**20)}))
+store.commit_parts("run", Position(epoch=1, batch_in_epoch=3, epoch_complete=False, step=7), parts)
+os.write(1, b"committed\\n")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store_url", SHARED_BACKENDS, indirect=True)
+def test_a_rank_killed_while_writing_its_part_leaves_no_checkpoint_and_the_previous_one_whole(store_url):
+    child = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, store_url, CKPT_ID], stdout=subprocess.PIPE,
+                             cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert child.stdout.readline() == b"writing\n"
+        time.sleep(0.05)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        rest = child.communicate()[0]
+    assert b"committed" not in rest, "the write finished before the kill: make the part larger"
+    store = CheckpointStore(store_url)  # as another process: nothing cached
+    assert [m.id for m in store.list("run")] == ["000000-0000000003"]
+    assert store.verify_lineage("run") == [] and store.latest_verified("run").id == "000000-0000000003"
+    assert CKPT_ID in store.uncommitted("run")
