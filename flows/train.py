@@ -27,6 +27,12 @@ from .signals import on_signals
 # store, the way the driver sees them; their values are never logged.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                  "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+                 # Google Cloud Storage (gcsfs) and Azure Blob (adlfs): README "Google Cloud Storage",
+                 # "Azure Blob Storage"
+                 "STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT",
+                 "GCSFS_DEFAULT_PROJECT", "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_ACCOUNT_NAME",
+                 "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_CLIENT_ID",
+                 "AZURE_STORAGE_CLIENT_SECRET", "AZURE_STORAGE_TENANT_ID", "AZURE_STORAGE_ANON",
                  "BATON_FAULT_OMIT_STATE")
 
 # The block tasks run in Ray workers, whose Prefect log records are shipped to the API in batches;
