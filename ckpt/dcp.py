@@ -6,8 +6,11 @@ checkpoint, committed once, and loaded back on any number of ranks (DCP's planne
     ckpt.dcp.load(store, manifest, state_dict)                  # every rank, any world size, in place
 
 Each rank writes the items DCP plans for it (its shards; replicated tensors are spread over the ranks
-by DCP's dedup of save plans) into one file of its part, `rank-0000R.data.distcp`: raw tensor bytes
-(no torch.save), values as JSON, hashed while written (`CheckpointStore.write_part`). The parts reach
+by DCP's dedup of save plans) into its part: its shards into `rank-0000R.data.distcp`, the items that
+every rank loads whole (replicated tensors such as Adam's `step`, non-tensor values) into
+`rank-0000R.replicated.distcp`, so that a verified load on the same world size reads and hashes its
+own shards and the small shared file, not another rank's shards. Raw tensor bytes (no torch.save),
+values as JSON, hashed while written (`CheckpointStore.write_part`). The parts reach
 rank 0 through DCP's own gather of write results; rank 0 writes DCP's metadata as JSON
 (`rank-00000.dcp-metadata.json`, ckpt/_dcp_metadata.py) and commits every part with one manifest.
 Loading unpickles nothing: DCP's default reader unpickles its `.metadata` and `torch.load`s non-tensor
@@ -43,10 +46,11 @@ from .manifest import Manifest, Position
 from .names import checkpoint_id
 from .sharded import Part, parts_digest, rank_files
 
-__all__ = ["DATA_FILE", "METADATA_FILE", "LoadPlanner", "SavePlanner", "StoreReader", "StoreWriter",
+__all__ = ["DATA_FILE", "METADATA_FILE", "REPLICATED_FILE", "LoadPlanner", "SavePlanner", "StoreReader", "StoreWriter",
            "is_sharded", "load", "read_metadata", "save"]
 
-DATA_FILE = "data.distcp"
+DATA_FILE = "data.distcp"  # this rank's shards
+REPLICATED_FILE = "replicated.distcp"  # what it holds that every rank loads whole
 METADATA_FILE = "dcp-metadata.json"
 _PART_FQN = "__baton_part__"  # the write result that carries a rank's Part to rank 0
 _ALIGN = 64  # each item starts at a multiple: tensors built on the read buffer are aligned
@@ -110,12 +114,16 @@ class StoreWriter(StorageWriter):
         if not isinstance(planner, SavePlanner):
             raise InvalidArgument("save with planner=ckpt.dcp.SavePlanner() (or ckpt.dcp.save): DCP's default "
                                   "planner pickles non-tensor values, and Baton's checkpoints hold no pickle")
-        blob, placed = _lay_out(plan.items, planner)
-        files = {**self.files, DATA_FILE: blob} if placed else dict(self.files)
+        files, laid_out = dict(self.files), {}
+        for name in (DATA_FILE, REPLICATED_FILE):
+            items = [item for item in plan.items if _is_shard(item) == (name == DATA_FILE)]
+            if items:
+                files[name], laid_out[name] = _lay_out(items, planner)
         part = self.store.write_part(self.lineage, self.ckpt_id, self.rank, files)
-        stored = next((n for n in part.files if n.endswith("." + DATA_FILE)), "")
+        stored = {logical: n for n in part.files for logical in laid_out if n.endswith("." + logical)}
         results = [WriteResult(index=item.index, size_in_bytes=length,
-                               storage_data=_StorageInfo(stored, offset, length)) for item, offset, length in placed]
+                               storage_data=_StorageInfo(stored[name], offset, length))
+                   for name, placed in laid_out.items() for item, offset, length in placed]
         results.append(WriteResult(index=MetadataIndex(f"{_PART_FQN}{self.rank}"), size_in_bytes=0, storage_data=part))
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
@@ -145,6 +153,13 @@ class StoreWriter(StorageWriter):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id) -> bool:
         return False
+
+
+def _is_shard(item: WriteItem) -> bool:
+    """A piece of a tensor (an FSDP2 shard), as opposed to a whole tensor or a value: every rank that
+    loads it whole on the same world size needs the latter, but only its owner the former."""
+    data = item.tensor_data
+    return data is not None and tuple(data.chunk.sizes) != tuple(data.size)
 
 
 def _lay_out(items: list[WriteItem], planner: SavePlanner) -> tuple[Blob, list[tuple[WriteItem, int, int]]]:

@@ -72,7 +72,8 @@ def test_model_and_optimizer_saved_through_dcp_load_back_equal_with_their_value_
     model, optimizer = trained()
     manifest = saved(store, model, optimizer, files={"rng.json": b'{"seed": 1}'}, metrics={"loss": 0.25})
     assert ckpt.dcp.is_sharded(manifest) and store.verify(manifest) == [] and manifest.metrics == {"loss": 0.25}
-    assert set(manifest.files) == {"rank-00000.data.distcp", METADATA, "rank-00000.rng.json"}
+    # One process: every tensor is whole, so all lie in the file every rank would load.
+    assert set(manifest.files) == {"rank-00000.replicated.distcp", METADATA, "rank-00000.rng.json"}
 
     again, again_opt = loaded(store, manifest)
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
@@ -173,12 +174,16 @@ def test_an_fsdp2_checkpoint_lists_both_ranks_files_and_loads_bit_identical_on_2
     metadata = ckpt.dcp.read_metadata(store, manifest)
     tensors = {fqn for fqn, e in metadata.state_dict_metadata.items() if isinstance(e, TensorStorageMetadata)}
     whole = sum(math.prod(metadata.state_dict_metadata[fqn].size) * 4 for fqn in tensors)
-    written = {name: 0 for name in data}  # tensor bytes in each rank's file (its items lie 64-byte aligned)
+    written = {name: 0 for name in data}  # tensor bytes in each file (its items lie 64-byte aligned)
     for index, info in metadata.storage_data.items():
         if index.fqn in tensors:
-            written[info.relative_path] += info.length
+            written[info.relative_path] = written.get(info.relative_path, 0) + info.length
     assert sum(written.values()) == whole, written  # every piece once
-    assert all(0 < size < 0.7 * whole for size in written.values()), written  # no rank wrote the whole state
+    assert all(0 < written[name] < 0.7 * whole for name in data), written  # no rank wrote the whole state
+    # Adam's `step` (a whole tensor on every rank) and the param groups' values lie apart from the shards.
+    shared = {name for name in manifest.files if name.endswith(".replicated.distcp")}
+    assert len(shared) == 1 and all(info.relative_path in shared for index, info in metadata.storage_data.items()
+                                    if index.fqn not in tensors or index.fqn.endswith(".step"))
 
 
 @pytest.mark.slow
@@ -211,7 +216,7 @@ def test_ddp_replicated_state_is_written_once_with_each_rank_writing_about_half(
     url = str(tmp_path / "store")
     _ranks.run_ranks(2, _ranks.ddp_save_then_load, url, str(tmp_path))
     manifest = CheckpointStore(url).latest("ddp")
-    sizes = [e.size for n, e in sorted(manifest.files.items()) if n.endswith(".data.distcp")]
+    sizes = [e.size for n, e in sorted(manifest.files.items()) if n.endswith(".replicated.distcp")]  # all whole
     assert len(sizes) == 2 and min(sizes) / max(sizes) > 0.8
     state_bytes = 2 * 8 * (32 * 32 + 32) * 4  # weights and momentum, once
     assert state_bytes <= sum(sizes) < 1.2 * state_bytes
