@@ -44,7 +44,7 @@ from ._safetensors import _raw
 from .errors import CheckpointError, CheckpointUndecodable, InvalidArgument
 from .manifest import Manifest, Position
 from .names import checkpoint_id
-from .sharded import Part, parts_digest, rank_files
+from .sharded import Part, logical_name, parts_digest, rank_files
 
 __all__ = ["DATA_FILE", "METADATA_FILE", "REPLICATED_FILE", "LoadPlanner", "SavePlanner", "StoreReader", "StoreWriter",
            "is_sharded", "load", "read_metadata", "save"]
@@ -91,6 +91,9 @@ class StoreWriter(StorageWriter):
         self.store, self.lineage, self.position = store, lineage, position
         self.ckpt_id = checkpoint_id(position.epoch, position.step)
         self.files = dict(files or {})
+        if {DATA_FILE, REPLICATED_FILE, METADATA_FILE} & set(self.files):
+            raise InvalidArgument(f"{DATA_FILE}, {REPLICATED_FILE} and {METADATA_FILE} are the names of DCP's own "
+                                  "files in a part: give this rank's own files other names")
         self.commit = commit
         self.rank = 0
         self.manifest: Manifest | None = None
@@ -120,7 +123,7 @@ class StoreWriter(StorageWriter):
             if items:
                 files[name], laid_out[name] = _lay_out(items, planner)
         part = self.store.write_part(self.lineage, self.ckpt_id, self.rank, files)
-        stored = {logical: n for n in part.files for logical in laid_out if n.endswith("." + logical)}
+        stored = {logical_name(n)[1]: n for n in part.files if logical_name(n)[1] in laid_out}  # type: ignore[index]
         results = [WriteResult(index=item.index, size_in_bytes=length,
                                storage_data=_StorageInfo(stored[name], offset, length))
                    for name, placed in laid_out.items() for item, offset, length in placed]

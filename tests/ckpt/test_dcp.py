@@ -220,3 +220,8 @@ def test_ddp_replicated_state_is_written_once_with_each_rank_writing_about_half(
     assert len(sizes) == 2 and min(sizes) / max(sizes) > 0.8
     state_bytes = 2 * 8 * (32 * 32 + 32) * 4  # weights and momentum, once
     assert state_bytes <= sum(sizes) < 1.2 * state_bytes
+
+
+def test_a_rank_file_named_like_dcps_own_files_is_refused(store):
+    with pytest.raises(InvalidArgument, match="give this rank's own files other names"):
+        saved(store, *trained(), files={ckpt.dcp.DATA_FILE: b"mine"})
