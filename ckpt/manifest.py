@@ -92,7 +92,8 @@ class Manifest(BaseModel):
     files: dict[str, FileEntry]
     digest: str = Field(description="Fingerprint of the model weights: the hash of their canonical safetensors "
                                     "file (names, dtypes, shapes, bytes), BLAKE3 since schema 3 (chunked sha256 "
-                                    "in schema 2); equal iff the weights are.")
+                                    "in schema 2); equal iff the weights are. A sharded checkpoint's: the BLAKE3 of its "
+                                    "data files' (rank, name, size, hash): ckpt.sharded.parts_digest.")
     fence: int = Field(default=0, ge=0, description="Lease fencing number of the writer.")
 
     @property
