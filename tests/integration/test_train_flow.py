@@ -81,6 +81,10 @@ def test_the_terminal_of_a_two_block_run_shows_baton_lines_and_a_summary_and_the
     progress = [line for line in out.stderr.splitlines() if "progress: epoch" in line]
     assert progress and "progress: epoch 2 of 2, step 8, loss 0.6" in progress[-1], out.stderr
     assert "block-1: block 1 done in" in out.stderr
+    # In time order, whichever process logged them: the last block's lines before the flow's last one.
+    lines = out.stderr.splitlines()
+    closing = next(i for i, line in enumerate(lines) if "trained 2 epoch(s)" in line)
+    assert all(i < closing for i, line in enumerate(lines) if " block-" in line), out.stderr
     # The summary: a short table, metrics rounded, naming the log file, which has all of Ray's output.
     assert re.search(r"epochs\s+2 of 2 \(2 trained in 2 block\(s\)\)", out.stdout), out.stdout
     assert re.search(r"metrics\s+loss 0\.\d{1,4}\s*$", out.stdout, re.M), out.stdout
