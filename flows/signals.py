@@ -38,6 +38,7 @@ class _Signals:
         self.received: list[int] = []
         self.pending: int | None = None  # a first signal during a flow run, before training began
         self.hook: Callable[[int], None] | None = None  # `on_signals`: the signal becomes a notice
+        self.trained = False  # `on_signals` ended: what is left is publishing, printing, shutting down
         self.terminal: _process.Terminal | None = None
         self.where: Callable[[], str] | None = None  # where the lineage stands, for the last line
 
@@ -63,6 +64,23 @@ def reclaim() -> None:
     if _STATE.installed and threading.current_thread() is threading.main_thread():
         for sig in STOP_SIGNALS:
             signal.signal(sig, _handle)
+
+
+@contextlib.contextmanager
+def through_ray_init() -> Iterator[None]:
+    """Around `ray.init` during start-up: Ray 2.60's `ray.init` makes SIGTERM a `sys.exit(15)` from
+    its first line, for the whole local start (12-16 s here), so a SIGTERM then ended `baton` with
+    status 15, no line, after Ray's own ~15 s shutdown. Such an exit is handled as Baton handles a
+    SIGTERM during start-up (one line, every process started killed, status 143); Baton's handler
+    is back afterwards. Without `install` (a served flow run, a test) Ray's exit stands."""
+    try:
+        yield
+    except SystemExit as stop:
+        if _STATE.installed and stop.code == signal.SIGTERM and threading.current_thread() is threading.main_thread():
+            _handle(signal.SIGTERM, None)  # during start-up it exits; else it was noted, and the exit stands
+        raise
+    finally:
+        reclaim()
 
 
 def uninstall() -> None:
@@ -127,7 +145,9 @@ def _handle(signum: int, frame) -> None:
         exit_now(signum, f"{name}: stopped during start-up, before training began")
     else:
         _STATE.pending = signum
-        log.warning("%s: the run stops before its first block (a second signal exits at once)", name)
+        log.warning("%s: %s (a second signal exits at once)", name,
+                    "training is over, the run ends in a moment" if _STATE.trained else
+                    "the run stops before its first block")
 
 
 @contextlib.contextmanager
@@ -145,7 +165,7 @@ def _hooked(hook: Callable[[int], None]) -> Iterator[int | None]:
     try:
         yield pending
     finally:
-        _STATE.hook = None
+        _STATE.hook, _STATE.trained = None, True
         for sig, old in previous.items():
             signal.signal(sig, _handle if _STATE.installed else old)
 
@@ -270,4 +290,4 @@ def children_ignore_hangup() -> Iterator[None]:
 
 
 __all__ = ["StopRequest", "children_ignore_hangup", "exit_now", "flow_started", "install", "on_signals",
-           "reclaim", "signal_received", "tell_where", "uninstall"]
+           "reclaim", "signal_received", "tell_where", "through_ray_init", "uninstall"]

@@ -62,9 +62,11 @@ def start_local_ray() -> bool:
     if os.environ.get("RAY_ADDRESS") or ray.is_initialized():
         return False
     from ._server import STARTUP_S
+    from .signals import through_ray_init
 
     started = time.monotonic()
-    ray.init(namespace="prefect", **ray_init_kwargs())
+    with through_ray_init():  # a SIGTERM meanwhile is Baton's to handle, not Ray's sys.exit(15)
+        ray.init(namespace="prefect", **ray_init_kwargs())
     STARTUP_S["local Ray"] = time.monotonic() - started
     return True
 

@@ -238,3 +238,41 @@ def test_cleanup_and_ckpt_ls_name_a_store_that_is_missing_or_a_file(in_tmp):
     assert f"no checkpoint store at {in_tmp / 'nope'}" in _one_line_error(baton("cleanup", str(in_tmp / "nope")))
     assert "is a file" in _one_line_error(baton("cleanup", str(in_tmp / "afile"), "--keep-last", "1"))
     assert "is a file" in _one_line_error(baton("ckpt", "ls", str(in_tmp / "afile")))
+
+
+# What `ray.init` does from its first line in the driver (Ray 2.60: `signal.signal(SIGTERM,
+# lambda signum, frame: sys.exit(signum))`), then a SIGTERM while it starts Ray's processes.
+RAY_INIT_THEN_SIGTERM = """
+import os, signal, subprocess, sys, time
+from flows import signals
+signals.install()
+with signals.through_ray_init():
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+    child = subprocess.Popen(["sleep", "60"])
+    print(child.pid, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+"""
+
+
+def test_a_sigterm_while_ray_init_holds_its_own_handler_ends_baton_at_once_with_one_line_and_its_children():
+    root = Path(__file__).resolve().parents[2]
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", RAY_INIT_THEN_SIGTERM], cwd=root, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 128 + 15, (out.returncode, out.stderr)  # not Ray's exit status 15
+    assert time.monotonic() - started < 20
+    assert out.stderr.strip().splitlines() == ["baton: SIGTERM: stopped during start-up, before training began"]
+    child = int(out.stdout)
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{child}"), "a process started during ray.init outlived baton"
+
+
+def test_ray_init_still_puts_its_own_sigterm_handler_in_place_or_through_ray_init_can_go():
+    import inspect
+
+    import ray
+
+    assert "sys.exit(signum)" in inspect.getsource(ray.init)
