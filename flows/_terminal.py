@@ -21,7 +21,7 @@ from typing import Callable, TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from ckpt.retention import format_duration
@@ -83,6 +83,10 @@ def _metrics_text(metrics: dict[str, float]) -> str:
     return "  ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())) or "-"
 
 
+def _fixed() -> Column:
+    return Column(no_wrap=True)
+
+
 class _CommitColumn(ProgressColumn):
     """Step, metrics and the time since the last commit (it grows between refreshes)."""
 
@@ -92,9 +96,11 @@ class _CommitColumn(ProgressColumn):
 
     def render(self, task) -> Text:
         m = self.monitor.latest
-        if m is None:
-            return Text("nothing committed yet")
-        return Text(f"step {m.step}  {_metrics_text(m.metrics)}  last commit {_duration(self.monitor.since_commit_s())} ago")
+        # On a narrow terminal this column gives way (cut short, with the bar), so the display
+        # stays one line: the other columns do not wrap.
+        text = "nothing committed yet" if m is None else (
+            f"step {m.step}  {_metrics_text(m.metrics)}  last commit {_duration(self.monitor.since_commit_s())} ago")
+        return Text(text, no_wrap=True, overflow="ellipsis")
 
 
 class _EtaColumn(ProgressColumn):
@@ -102,11 +108,11 @@ class _EtaColumn(ProgressColumn):
     (rich's TimeRemainingColumn averages the whole task, start-up included)."""
 
     def __init__(self, monitor: "TrainMonitor"):
-        super().__init__()
+        super().__init__(table_column=_fixed())
         self.monitor = monitor
 
     def render(self, task) -> Text:
-        return Text(f"ETA {_duration(self.monitor.eta_s())}")
+        return Text(f"ETA {_duration(self.monitor.eta_s())}", no_wrap=True)
 
 
 class TrainMonitor:
@@ -127,9 +133,10 @@ class TrainMonitor:
         self._thread = threading.Thread(target=self._loop, daemon=True, name="baton-progress")
         # No redirection of sys.stdout/sys.stderr by rich: they lead to the log file (QuietOutput).
         self.progress = Progress(
-            TextColumn("{task.description}", style="bold", markup=False), BarColumn(bar_width=24),
-            TextColumn("epoch"), MofNCompleteColumn(), _CommitColumn(self), _EtaColumn(self),
-            TextColumn("elapsed"), TimeElapsedColumn(),
+            TextColumn("{task.description}", style="bold", markup=False, table_column=_fixed()),
+            BarColumn(bar_width=24), TextColumn("epoch", table_column=_fixed()),
+            MofNCompleteColumn(table_column=_fixed()), _CommitColumn(self), _EtaColumn(self),
+            TextColumn("elapsed", table_column=_fixed()), TimeElapsedColumn(table_column=_fixed()),
             console=console, transient=True, auto_refresh=live, refresh_per_second=2,
             redirect_stdout=False, redirect_stderr=False)
         self.task = self.progress.add_task(lineage, total=epochs)

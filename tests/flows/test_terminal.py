@@ -159,8 +159,8 @@ def test_the_summary_is_a_short_table_with_rounded_metrics_and_the_log_file(tmp_
     assert len(text.splitlines()) <= 8
 
 
-def _rendered(monitor: TrainMonitor) -> str:
-    console = Console(record=True, width=160, file=io.StringIO())
+def _rendered(monitor: TrainMonitor, width: int = 160) -> str:
+    console = Console(record=True, width=width, file=io.StringIO())
     console.print(monitor.progress)
     return console.export_text()
 
@@ -178,6 +178,8 @@ def test_on_a_terminal_rich_progress_shows_a_bar_epochs_step_loss_time_since_the
     assert "last commit 0s ago" in line and "ETA -" not in line and "elapsed 0:00:0" in line, line
     assert "━" in line  # rich's bar, a quarter full
     assert monitor.progress.tasks[0].completed == 1 and monitor.progress.tasks[0].total == 4
+    narrow = _rendered(monitor, width=60)  # the step and loss give way: still one line, ETA and elapsed kept
+    assert len(narrow.splitlines()) == 1 and "epoch 1/4" in narrow and "ETA" in narrow and "elapsed" in narrow, narrow
 
 
 def test_one_duration_formatter_serves_the_terminal_and_the_retention_policy():
