@@ -195,9 +195,11 @@ def test_an_fsdp2_checkpoint_exports_whole_to_a_fresh_unwrapped_model_with_the_s
     store, root = fsdp_checkpoint
     target = str(tmp_path / "model.safetensors")
     export_safetensors(store, store.latest("run"), target)
+    full = {k.removeprefix("model."): v for k, v in load_file(f"{root}/full.safetensors").items() if k.startswith("model.")}
+    exported = load_file(target)  # consolidated from both ranks' shards, under the unwrapped module's names
+    assert exported.keys() == full.keys() and all(torch.equal(exported[k], full[k]) for k in full)
     trained = _ranks.make_model(9)  # the trained weights, gathered whole by the ranks before the save
-    trained.load_state_dict({k.removeprefix("model."): v for k, v in load_file(f"{root}/full.safetensors").items()
-                             if k.startswith("model.")})
+    trained.load_state_dict(full)
     fresh = _ranks.make_model(8)
     fresh.load_state_dict(load_file(target))
     batch = torch.randn(5, _ranks.WIDTH, generator=torch.Generator().manual_seed(4))

@@ -1,6 +1,7 @@
 """Export (ckpt/export.py, `baton ckpt export`): a checkpoint's model as one safetensors file that a
 fresh, unwrapped model loads and then computes what the trained one did; for a sharded checkpoint
-(consolidated from its chunks) and a single-writer one (its names stripped of `module.`)."""
+(consolidated from its chunks) and a single-writer one (its names stripped of `module.`). The export of
+a 2-rank FSDP2 checkpoint is in test_dcp.py, next to the fixture that saves it (one run of the ranks)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from ckpt import CheckpointUndecodable, InvalidArgument, Position, TrainingState
 from ckpt.export import DTYPES, export_safetensors, unwrapped_name
 
 from . import _ranks
-from .test_dcp import fsdp_checkpoint  # noqa: F401  (a fixture: the 2-rank FSDP2 checkpoint)
 
 POSITION = Position(epoch=2, batch_in_epoch=0, epoch_complete=True, step=6)
 INPUT = torch.randn(5, _ranks.WIDTH, generator=torch.Generator().manual_seed(4))
@@ -72,15 +72,3 @@ def test_wrapper_segments_are_dropped_from_names_wherever_they_are():
     assert unwrapped_name("module._orig_mod.layers.0._fsdp_wrapped_module.weight") == "layers.0.weight"
     assert unwrapped_name("modules.0.weight") == "modules.0.weight"
 
-
-@pytest.mark.slow
-def test_an_fsdp2_checkpoint_of_2_ranks_exports_consolidated_to_the_full_weights(fsdp_checkpoint, tmp_path):
-    store, root = fsdp_checkpoint
-    target = str(tmp_path / "model.safetensors")
-    export_safetensors(store, store.latest("run"), target)
-    full = {k[len("model."):]: v for k, v in load_file(f"{root}/full.safetensors").items() if k.startswith("model.")}
-    exported = load_file(target)
-    assert exported.keys() == full.keys() and all(torch.equal(exported[k], full[k]) for k in full)
-    trained_model = _ranks.make_model(1)
-    trained_model.load_state_dict(full)
-    assert torch.equal(outputs_of(target), trained_model(INPUT))
