@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
-from . import signals
 
-if os.path.basename(sys.argv[0]) == "baton":
-    # The `baton` command: its handlers from its first line, before typer, pydantic or torch are
-    # imported (a Ctrl-C while torch imports is then one line, not a KeyboardInterrupt traceback).
-    # Not in a process that merely imports this module (the tests).
+def _stopped_while_importing(signum: int, frame) -> None:
+    # Nothing is started yet: there is nothing to stop, and a KeyboardInterrupt would print a traceback.
+    os.write(2, f"baton: {signal.Signals(signum).name}: stopped during start-up, before training began\n".encode())
+    os._exit(128 + signum)
+
+
+_AS_COMMAND = os.path.basename(sys.argv[0]) == "baton"
+if _AS_COMMAND:  # the `baton` command, not a process that merely imports this module (the tests)
+    for _sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(_sig, _stopped_while_importing)
+
+from . import signals  # noqa: E402
+
+if _AS_COMMAND:
+    # Baton's handlers from here on, before typer, pydantic or torch are imported (a Ctrl-C while
+    # torch imports is then one line, not a KeyboardInterrupt traceback).
     signals.install()
 
 import inspect  # noqa: E402

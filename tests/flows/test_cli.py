@@ -276,3 +276,27 @@ def test_ray_init_still_puts_its_own_sigterm_handler_in_place_or_through_ray_ini
     import ray
 
     assert "sys.exit(signum)" in inspect.getsource(ray.init)
+
+
+@pytest.mark.parametrize("after_s", [0.5, 1.5])
+def test_ctrl_c_while_baton_train_starts_ends_it_at_once_in_one_line_without_a_traceback(tmp_path, after_s):
+    """While Python imports typer, pydantic or torch: before any server or Ray is started. (In
+    Python's own first ~0.1 s, before the first line of Baton runs, Python's default handling
+    remains: a three-line KeyboardInterrupt.)"""
+    import signal
+
+    from flows._process import descendants
+
+    before = descendants()
+    proc = subprocess.Popen([BATON, "train", "--store", str(tmp_path / "s"), "--lineage", "early"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PREFECT_API_URL": "", "BATON_FAIL": ""})
+    time.sleep(after_s)
+    proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    output, _ = proc.communicate(timeout=30)
+    assert time.monotonic() - sent < 5, output
+    assert proc.returncode in (130, -signal.SIGINT) and "Traceback" not in output, output
+    if proc.returncode == 130:  # our handler was in place (not in Python's own first milliseconds)
+        assert "SIGINT: stopped during start-up, before training began" in output, output
+    assert descendants() - before == set()

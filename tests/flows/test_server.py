@@ -68,3 +68,45 @@ def test_what_starts_alongside_runs_while_the_server_starts_knows_its_url_and_a_
         with prefect_api(alongside=broken):
             pytest.fail("the run cannot start without what starts alongside")
     assert "PREFECT_API_URL" not in os.environ and _uvicorn_children() == []
+
+
+# A `baton` stand-in: launches the run's temporary server, says its pid and sessions, waits.
+LAUNCHER = """
+import os, time
+from flows._server import TemporaryServer
+server = TemporaryServer().launch()
+print(server.process.pid, os.getsid(server.process.pid), os.getsid(0), flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_temporary_server_has_a_session_of_its_own_and_dies_with_the_process_that_launched_it(tmp_path):
+    import signal
+    import sys
+    import time
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path)
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER], cwd=Path(__file__).resolve().parents[2],
+                                env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        server, server_session, launcher_session = map(int, launcher.stdout.readline().split())
+        assert server_session == server != launcher_session  # a terminal's Ctrl-C or hang-up does not reach it
+        launcher.send_signal(signal.SIGKILL)  # no atexit, no handler: only the kernel can stop it now
+        launcher.wait(10)
+        deadline = time.monotonic() + 5
+        while os.path.exists(f"/proc/{server}") and _state(server) != "Z" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{server}") or _state(server) == "Z", "the server outlived baton"
+    finally:
+        launcher.kill()
+        launcher.wait(10)
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
