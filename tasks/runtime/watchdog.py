@@ -52,8 +52,8 @@ class HangReport(BaseModel):
     step: int  # the global step of its last beat
     waited_s: float
     timeout_s: float
-    in_collective: bool  # the main thread is inside torch (a collective, DDP's backward): it waits for others
-    where: str  # the innermost frame of the main thread outside torch, "file:line in function"
+    in_collective: bool  # the loop's thread is inside torch (a collective, DDP's backward): it waits for others
+    where: str  # the innermost frame of the loop's thread outside torch, "file:line in function"
     at: float  # time.time()
 
 
@@ -65,9 +65,10 @@ def _torch_frame(filename: str) -> bool:
     return f"{os.sep}torch{os.sep}" in filename or f"{os.sep}ray{os.sep}" in filename
 
 
-def main_thread_position() -> tuple[bool, str]:
-    """(inside torch or Ray?, the innermost frame of the loop's own code) of the main thread."""
-    frame = sys._current_frames().get(threading.main_thread().ident)
+def main_thread_position(ident: int | None = None) -> tuple[bool, str]:
+    """(inside torch or Ray?, the innermost frame of the loop's own code) of thread `ident`: the
+    thread that runs the loop (Ray Train runs it on a thread of its own, not the main thread)."""
+    frame = sys._current_frames().get(ident if ident is not None else threading.main_thread().ident)
     innermost = frame
     while frame is not None and _torch_frame(frame.f_code.co_filename):
         frame = frame.f_back
@@ -120,6 +121,7 @@ class StepWatchdog:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.fired: HangReport | None = None
+        self.loop_thread = threading.get_ident()  # built by ctx.epochs(), on the loop's own thread
         self._thread = threading.Thread(target=self._loop, daemon=True, name="baton-step-watchdog")
 
     def start(self) -> "StepWatchdog":
@@ -163,10 +165,10 @@ class StepWatchdog:
         waited = self.overdue()
         if waited is None or self.fired is not None:
             return None
-        inside, where = main_thread_position()
+        inside, where = main_thread_position(self.loop_thread)
         self.fired = HangReport(rank=self.rank, step=self.step, waited_s=round(waited, 1),
                                 timeout_s=self.timeout.seconds, in_collective=inside, where=where, at=time.time())
-        log.error("rank %d made no progress for %.0f s after step %d (step timeout %.0f s): its main thread is %s "
+        log.error("rank %d made no progress for %.0f s after step %d (step timeout %.0f s): the loop's thread is %s "
                   "at %s; stopping this worker so that the block fails and is retried", self.rank, waited, self.step,
                   self.timeout.seconds, "waiting in a collective" if inside else "in the loop's code", where)
         try:

@@ -149,3 +149,20 @@ def test_two_ranks_where_one_sleeps_forever_both_stop_and_the_report_names_the_s
     assert [p.exitcode for p in procs] == [3, 3] and time.monotonic() - started < 30
     text = describe_hang(read_reports(CheckpointStore(str(tmp_path)), "l", 1), 2)
     assert text.startswith("a rank hung: rank 1 (at ") and "_sleep_in_the_loop" in text, text
+
+
+def test_the_report_looks_at_the_thread_that_runs_the_loop_not_the_main_thread(tmp_path):
+    # Ray Train runs train_loop_per_worker on a thread of its own: that thread is the one to look at.
+    reports = []
+
+    def loop() -> None:
+        dog = StepWatchdog(CheckpointStore(str(tmp_path)), "l", 1, 0, timeout_s=0.3, interval_s=0.05,
+                           on_hang=reports.append).start()
+        dog.beat(1)
+        _sleep_in_the_loop(1.5)
+        dog.close()
+
+    runner = threading.Thread(target=loop)
+    runner.start()
+    runner.join()
+    assert len(reports) == 1 and not reports[0].in_collective and "_sleep_in_the_loop" in reports[0].where
