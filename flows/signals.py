@@ -44,6 +44,7 @@ class _Signals:
 
 
 _STATE = _Signals()
+_EXITING = threading.Lock()
 
 
 def install() -> None:
@@ -56,6 +57,41 @@ def install() -> None:
     _process.adopt_orphans()
     for sig in STOP_SIGNALS:
         signal.signal(sig, _handle)
+    _count_deliveries()
+
+
+def _count_deliveries() -> None:
+    """Python runs a handler only between bytecodes of the main thread, and two deliveries before
+    that are one call: a second Ctrl-C while the main thread waits inside C code would be lost. The
+    interpreter also writes every delivery's number to a wake-up fd; a thread counts them there and
+    ends the process on the second one (and on a first one during start-up) whatever the main
+    thread is doing."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    threading.Thread(target=_watch_deliveries, args=(read_end,), daemon=True, name="baton-signals").start()
+
+
+def _watch_deliveries(read_end: int) -> None:
+    count = 0
+    while True:
+        try:
+            delivered = os.read(read_end, 64)
+        except InterruptedError:
+            continue
+        except OSError:
+            return
+        for signum in delivered:
+            if signum not in STOP_SIGNALS:
+                continue
+            count += 1
+            if signum == signal.SIGHUP and _STATE.terminal is not None:
+                _STATE.terminal.hung_up()
+            name = signal.Signals(signum).name
+            if count >= 2:
+                exit_now(signum, f"second signal: exiting now ({name}); the last committed checkpoint stands")
+            if _STATE.starting:
+                exit_now(signum, f"{name}: stopped during start-up, before training began")
 
 
 def reclaim() -> None:
@@ -121,13 +157,21 @@ def _where(timeout_s: float = 2.0) -> str:
 
 def exit_now(signum: int, what: str) -> NoReturn:
     """End the process at once, with every process it started; the commit protocol keeps the store
-    whole. One line to the log and, for `baton`, to the terminal."""
+    whole. One line to the log and, for `baton`, to the terminal. Called from two threads at once
+    (a signal's handler and the delivery counter), one of them does it."""
+    if not _EXITING.acquire(blocking=False):
+        while True:  # the other caller is ending the process
+            time.sleep(60)
     line = f"{what}{_where()}"
     terminal = _STATE.terminal
-    if terminal is None or not terminal.is_stderr():  # else the log line would be the same line twice
+    if terminal is None:
         log.warning("%s", line)
-    if terminal is not None:
+    else:
         terminal.say(f"baton: {line}")
+        if not terminal.is_stderr():  # fd 2 leads to the run's log file: the line there too
+            # Written directly, not logged: the main thread may hold the logging lock forever now.
+            with contextlib.suppress(OSError):
+                os.write(2, f"{time.strftime('%H:%M:%S')} | WARNING | baton.preempt - {line}\n".encode())
     _process.kill_descendants()
     os._exit(128 + signum)
 
