@@ -21,6 +21,7 @@ files go up as resumable uploads, visible only once finalized.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -41,6 +42,18 @@ EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 if not hasattr(GCSFileSystem._request, "__wrapped__"):  # pragma: no cover - a gcsfs that changed shape
     raise ImportError("gcsfs.core.GCSFileSystem._request is no longer a retry_request-decorated function: "
                       "Baton cannot set its retry policy; pin gcsfs to a version Baton was tested with (2026.10)")
+
+
+class _NoTracebackForConnectionFailures(logging.Filter):
+    """gcsfs logs a full traceback when it gives up on a connection; Baton then raises
+    `StoreUnreachable`, which says the same in one line and names the fix."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
+
+
+logging.getLogger("gcsfs").addFilter(_NoTracebackForConnectionFailures())
 
 
 class BatonGCSFileSystem(GCSFileSystem):
