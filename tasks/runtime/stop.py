@@ -31,6 +31,7 @@ from ckpt import CheckpointStore, Lease, Position
 from . import _ray_internals
 from .collectives import Collectives
 from .errors import Preempted, Where
+from .waiting import Poller
 
 log = logging.getLogger("baton.preempt")
 DRAIN = "Ray node drain"  # how a drain's notice begins: the block is retried on the other nodes
@@ -55,29 +56,25 @@ def withdraw_notice(store: CheckpointStore, lineage: str, fence: int) -> None:
 
 
 class _Watcher:
-    """Polls for a reason to stop every `interval_s` on a daemon thread, so a training step only
-    reads a flag. Subclasses say how in `_poll` (True once seen)."""
+    """Polls for a reason to stop every `interval_s` on a daemon thread (a `Poller`), so a
+    training step only reads a flag. Subclasses say how in `_poll` (True once seen)."""
 
     def __init__(self, interval_s: float, name: str):
         self.interval_s = interval_s
         self.reason: str | None = None
         self._seen = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True, name=name)
+        # A storage or GCS hiccup must not kill training: logged at debug, the next poll retries.
+        self._poller = Poller(self._poll, interval_s, name, logger=log, level=logging.DEBUG)
 
     @property
     def requested(self) -> bool:
         return self._seen.is_set()
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s) and not self._poll():
-            pass
-
     def _poll(self) -> bool:
         raise NotImplementedError
 
     def close(self) -> None:
-        self._stop.set()
+        self._poller.close()
 
 
 class NoticeWatcher(_Watcher):
@@ -93,7 +90,7 @@ class NoticeWatcher(_Watcher):
         self.store, self.lineage, self.fence = store, lineage, fence
         self._lease_every_s, self._lease_checked = lease_every_s, float("-inf")
         if not self._poll():  # a notice given while the block started counts from the first step
-            self._thread.start()
+            self._poller.start()
 
     def _poll(self) -> bool:
         try:
@@ -146,7 +143,7 @@ class DrainWatch(_Watcher):
         self.node = ray.get_runtime_context().get_node_id()
         self.deadline: float | None = None  # time.time() of the drain's deadline, if it has one
         self.seen_at = 0.0
-        self._thread.start()
+        self._poller.start()
 
     def _poll(self) -> bool:
         try:
