@@ -246,9 +246,11 @@ def test_ctrl_c_sigterm_and_a_closed_terminal_at_any_moment_end_the_run_at_once_
         return _trial(base_env, workdir, store, lineage, stop, within_s)
 
     for moment in sorted(rng.uniform(0.05, 3.0) for _ in range(5)):  # imports, the server's launch
-        _, code = trial(_after(moment, rng.choice([TerminalRun.terminate, TerminalRun.ctrl_c])), within_s=10)
-        assert code in (128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGINT), (seed, moment)
-    ctrl_c = [_after(rng.uniform(3, 10), TerminalRun.ctrl_c),  # the server and Ray starting
+        text, code = trial(_after(moment, TerminalRun.terminate), within_s=10)
+        # Only in Python's own first milliseconds, before Baton's first line, is it Python's default.
+        assert code == 128 + signal.SIGTERM or (code == -signal.SIGTERM and not text.strip()), (seed, moment, text)
+    ctrl_c = [_after(rng.uniform(0.8, 3.0), TerminalRun.ctrl_c),  # imports: typer, pydantic, torch
+              _after(rng.uniform(3, 10), TerminalRun.ctrl_c),  # the server and Ray starting
               _after_commits(store, lineage, 1, rng.uniform(0, 3), TerminalRun.ctrl_c),  # training
               _after_commits(store, lineage, 2, rng.uniform(0, 3), TerminalRun.ctrl_c)]
     for stop in ctrl_c:
@@ -274,5 +276,5 @@ def test_ctrl_c_sigterm_and_a_closed_terminal_at_any_moment_end_the_run_at_once_
 
 
 def _told_what_is_committed(text: str) -> bool:
-    return any(words in text for words in ("committed checkpoint", "checkpoint of", "no committed checkpoint",
-                                           "before training began", "nothing to train", "checkpoint"))
+    return any(words in text for words in ("stopped during start-up, before training began", "preempted at epoch",
+                                           "the latest committed checkpoint of", "has no committed checkpoint"))
