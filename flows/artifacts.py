@@ -193,7 +193,29 @@ def failure_status(run: str, error: BaseException, cancelled: bool = False) -> s
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)\b[^:\s]*: \S")
+# A traceback's last line: `[module.path.]Name: message`, Name a known exception class (Python's,
+# Baton's own families, which do not all end in Error: InjectedFailure, AsyncSaveFailed, RankHung...).
+_RAISED_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*(?P<name>[A-Z]\w*): (?P<message>\S.*)$")
+
+
+def _exception_names() -> set[str]:
+    import ckpt.errors  # noqa: F401 - their classes join BaseException's subclasses
+    import tasks.errors  # noqa: F401
+
+    names, todo = set(), [BaseException]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
+def _raised(line: str, known: set[str]) -> str | None:
+    """`Name: message` when `line` is a raised exception's line (its module path dropped)."""
+    found = _RAISED_LINE.match(line)
+    if found is None or (found["name"] not in known and not found["name"].endswith(("Error", "Exception"))):
+        return None
+    return f"{found['name']}: {found['message']}"
 
 
 def error_text(error: BaseException) -> str:
@@ -203,9 +225,12 @@ def error_text(error: BaseException) -> str:
     while getattr(error, "cause", None) is not None and type(error).__name__.startswith("Ray"):
         error = error.cause
     lines = [line.strip() for line in _ANSI.sub("", str(error)).splitlines() if line.strip()]
-    raised = [line for line in lines[1:] if _ERROR_LINE.match(line)]
-    message = raised[-1] if raised else (lines[0] if lines else "")
-    return message if _ERROR_LINE.match(message) else f"{type(error).__name__}: {message}"
+    known = _exception_names()
+    raised = [told for line in lines[1:] if (told := _raised(line, known))]
+    if raised:
+        return raised[-1]
+    first = _raised(lines[0], known) if lines else None
+    return first or f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def _this_run() -> str:

@@ -97,3 +97,15 @@ def test_the_status_line_tells_a_failure_a_cancel_and_a_preemption_apart():
     assert failure_status("run-a", across_ray) == f"Run `run-a` **stopped** on a preemption notice: {stop}"
     # Recognised by type only: the same words in another error's text are a failure.
     assert "**failed**" in failure_status("run-a", RuntimeError(f"Training failed:\n  Preempted: {stop}"))
+
+
+def test_the_one_line_is_the_workers_own_error_also_when_its_class_name_ends_in_neither_error_nor_exception():
+    from flows.artifacts import error_text
+    from tasks.errors import GroupFailed
+
+    failed = GroupFailed("the warm worker group ended before epoch 2 was committed: WorkerGroupError: Training "
+                         "failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback (most recent call last):\n"
+                         "  File \"x.py\", line 1, in f\ntasks.runtime.errors.InjectedFailure: failure injection: "
+                         "rank 0 fails at batch of epoch 1 batch 2\n")
+    assert error_text(failed) == "InjectedFailure: failure injection: rank 0 fails at batch of epoch 1 batch 2"
+    assert error_text(GroupFailed("the warm worker group ended")) == "GroupFailed: the warm worker group ended"
