@@ -42,7 +42,7 @@ def stopped(spec: BlockSpec, store: CheckpointStore) -> Preempted | None:
     reason = str(notice.get("reason", ""))
     latest = store.latest(spec.lineage)
     return Preempted(latest.epoch if latest else 0, latest.step if latest else 0, latest.id if latest else None,
-                     reason=reason, drain=reason.startswith(DRAIN))
+                     where=None, reason=reason, drain=reason.startswith(DRAIN))
 
 
 def failed_because(spec: BlockSpec, store: CheckpointStore, since: float) -> Preempted | RankHung | None:

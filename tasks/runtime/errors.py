@@ -61,7 +61,7 @@ class Preempted(TaskError):
     `RayTaskError` uses for the exception it wraps);
     `drain`: the notice was a Ray node drain, so only that node goes away and the block is retried."""
 
-    def __init__(self, epoch: int = 0, step: int = 0, checkpoint: str | None = None, *, where: Where = "step",
+    def __init__(self, epoch: int = 0, step: int = 0, checkpoint: str | None = None, *, where: Where | None = "step",
                  reason: str = "", drain: bool = False):
         self.epoch, self.step, self.checkpoint = epoch, step, checkpoint
         self.where, self.reason, self.drain = where, reason, drain
@@ -76,7 +76,8 @@ class Preempted(TaskError):
             return (f"preempted at epoch {self.epoch} step {self.step} without a checkpoint of that step (the loop "
                     f"reads no ctx.loader, so its data position cannot be saved); a rerun or Retry resumes at the "
                     f"last committed checkpoint, {self.checkpoint}{why}")
-        return (f"preempted at epoch {self.epoch} step {self.step} ({self.where}); checkpoint {self.checkpoint} "
+        at = f" ({self.where})" if self.where else ""  # None: the block side, which knows only the store
+        return (f"preempted at epoch {self.epoch} step {self.step}{at}; checkpoint {self.checkpoint} "
                 f"committed; a rerun or Retry resumes there{why}")
 
     def __str__(self) -> str:
