@@ -4,8 +4,9 @@ a preemption notice means for Prefect's retries."""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Literal
+from typing import Iterator, Literal
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -104,25 +105,15 @@ def _train_warm(spec: BlockSpec, store: CheckpointStore, start: Manifest | None,
     from . import warm
 
     named = spec.model_copy(update={"warm_group": spec.warm_group or warm.group_name(spec, flow_run)})
-    since = time.time()
     try:
-        with CommitWatcher(store, spec.lineage, logger, policy=spec.settings.prune,
-                           worker_logs=WorkerLogs.open(logger)):
+        # A lost group whose workers stopped on a drained node's notice is told as that Preempted.
+        with _told_why_it_failed(spec, store), CommitWatcher(store, spec.lineage, logger, policy=spec.settings.prune,
+                                                              worker_logs=WorkerLogs.open(logger)):
             result = warm.train_on_group(named, start.id if start else None, logger)
     except GroupLost as err:
-        preempted = stopped(spec, store)  # a drained node: the workers stopped on its notice
-        if preempted is not None:
-            raise preempted from None
         logger.warning("the warm worker group of %s is gone (%s): block %d starts a fresh one from the store",
                        spec.lineage, err, spec.index)
         return None
-    except Exception as err:
-        known = failed_because(spec, store, since)
-        if isinstance(known, Preempted):
-            raise known from None
-        if known is not None:
-            raise known from err
-        raise
     how = ("the worker group started with the run" if result.prestarted else
            "a new worker group" if result.fresh else "the warm worker group, no restart")
     logger.info("block %d trained on %s (worker pids %s)", spec.index, how, ", ".join(map(str, result.pids)))
@@ -133,19 +124,24 @@ def _train_fresh(spec: BlockSpec, store: CheckpointStore, logger) -> CheckpointR
     from .trainer import build_trainer
 
     trainer = build_trainer(spec.model_copy(update={"warm_group": None}), f"block{spec.index}")
+    with _told_why_it_failed(spec, store), CommitWatcher(store, spec.lineage, logger, policy=spec.settings.prune,
+                                                          worker_logs=WorkerLogs.open(logger)):
+        trainer.fit()
+    return reached(spec, store)
+
+
+@contextlib.contextmanager
+def _told_why_it_failed(spec: BlockSpec, store: CheckpointStore) -> Iterator[None]:
+    """Training that fails is re-raised as what Baton knows it was (`failed_because`): a Preempted
+    (the one line a person needs, not Ray's wrapping) or a RankHung (from the error it caused)."""
     since = time.time()
     try:
-        with CommitWatcher(store, spec.lineage, logger, policy=spec.settings.prune,
-                           worker_logs=WorkerLogs.open(logger)):
-            trainer.fit()
+        yield
     except Exception as err:
         known = failed_because(spec, store, since)
-        if isinstance(known, Preempted):
-            raise known from None
-        if known is not None:
-            raise known from err
-        raise
-    return reached(spec, store)
+        if known is None:
+            raise
+        raise known from (None if isinstance(known, Preempted) else err)
 
 
 def retried(error: BaseException) -> bool:
