@@ -16,6 +16,7 @@ from ckpt import CheckpointStore, Lease
 from tasks.block import train_block
 from tasks.errors import Preempted, preempted_in
 from tasks.trainer import RAY_TRAIN_ENV
+from tasks.watch import WorkerLogs
 
 from .artifacts import TrainProgress, publish_failure, publish_run
 from .config import TrainConfig, TrainSummary
@@ -204,6 +205,7 @@ def run_training(config: TrainConfig, tags: Iterable[str] = ()) -> TrainSummary:
     try:
         with Lease(store, lineage, owner=_owner(run_name), ttl_s=config.lease_ttl_s) as lease, \
                 on_signals(store, lineage, lease.fence, flow_run.get_id()) as stop:
+            worker_logs = WorkerLogs.open(logger)  # noqa: F841 - held: the queue lives as long as this run
             for spec in config.blocks(fence=lease.fence):
                 if lineage in PRESTARTED and config.warm_workers:
                     spec = spec.model_copy(update={"warm_group": PRESTARTED[lineage]})

@@ -5,6 +5,7 @@ a preemption notice means for Prefect's retries."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Iterator, Literal
 
@@ -173,16 +174,33 @@ def train_block(spec: BlockSpec) -> CheckpointRef:
     """Bring `spec.lineage` to the end of epoch `spec.end_epoch - 1`, resuming from the store."""
     started = time.monotonic()
     try:
-        ref, trained = bring_lineage_to_block_end(spec, get_run_logger(), _flow_run_id())
-    except Exception as err:
-        preempted = preempted_in(err)
-        if preempted is None:
-            raise
-        get_run_logger().warning("%s", preempted)
-        if preempted.drain:
-            # The retry (on the nodes that stay) must not read the drain's notice as its own.
-            withdraw_notice(CheckpointStore(spec.settings.store, spec.settings.storage_options), spec.lineage, spec.fence)
-        raise preempted from None  # the one line a person needs, not Ray's wrapping
-    if trained:
-        get_run_logger().info("block %d done in %.1f s: %s", spec.index, time.monotonic() - started, ref.uri)
-    return ref
+        try:
+            ref, trained = bring_lineage_to_block_end(spec, get_run_logger(), _flow_run_id())
+        except Exception as err:
+            preempted = preempted_in(err)
+            if preempted is None:
+                raise
+            get_run_logger().warning("%s", preempted)
+            if preempted.drain:
+                # The retry (on the nodes that stay) must not read the drain's notice as its own.
+                withdraw_notice(CheckpointStore(spec.settings.store, spec.settings.storage_options), spec.lineage,
+                                spec.fence)
+            raise preempted from None  # the one line a person needs, not Ray's wrapping
+        if trained:
+            get_run_logger().info("block %d done in %.1f s: %s", spec.index, time.monotonic() - started, ref.uri)
+        return ref
+    finally:
+        _ship_logs()
+
+
+def _ship_logs() -> None:
+    """Send this task's queued log records to the Prefect API before the task returns. The task
+    runs in a Ray worker, whose Prefect handler ships records in batches every few seconds: the
+    flow (and `baton train`'s terminal, which reads the API a last time when the flow returns)
+    would otherwise miss the block's last lines. Prefect's API handler's `flush` (the stdlib
+    interface) sends what is queued and waits, at most 5 s."""
+    for handler in logging.getLogger("prefect.task_runs").handlers:
+        try:
+            handler.flush()
+        except Exception:  # noqa: BLE001 - the lines stay queued and go with the next batch
+            pass

@@ -17,7 +17,10 @@ def log_checkpoint(logger, manifest: Manifest) -> None:
 
 class WorkerLogs:
     """The job's queue of the workers' `baton.worker` log records (tasks/runtime/log_relay.py): a
-    named Ray queue actor that takes no CPU, created by the first block task that wants it."""
+    named Ray queue actor that takes no CPU. The train flow opens it first, so that the flow's
+    process owns it for the whole run: an actor dies with its owner, and the Ray worker process
+    that ran one block task may be reaped as idle (Ray keeps no more idle workers than CPUs)
+    before the next block looks the queue up. A block task run without the flow creates its own."""
 
     def __init__(self):
         from ray.util.queue import Queue
@@ -55,7 +58,12 @@ class CommitWatcher:
 
     def poll(self) -> None:
         if self.worker_logs is not None:
-            self.worker_logs.drain(self.logger)
+            try:
+                self.worker_logs.drain(self.logger)
+            except Exception as err:  # noqa: BLE001 - the queue's actor died: commits are still told
+                self.logger.warning("the workers' log lines are no longer relayed to this run's log: %s: %s",
+                                    type(err).__name__, err)
+                self.worker_logs = None
         fresh = [m for m in self.store.list(self.lineage) if m.id not in self.seen]
         for manifest in fresh:
             self.seen.add(manifest.id)
